@@ -1,0 +1,1 @@
+"""LiverTumorDARN core: plain Python, no Qt and no slicer import, shared by the Slicer module and the command line."""
