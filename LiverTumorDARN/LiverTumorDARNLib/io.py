@@ -1,0 +1,399 @@
+"""Reading, checking, orienting and writing volumes: the only place that touches image files.
+
+SimpleITK does the format, DICOM and orientation work. This module adds what the rest of the
+project relies on:
+
+* one canonical orientation: identity direction in ITK's LPS frame, so the array from
+  ``sitk.GetArrayFromImage`` is ``[z, y, x]`` with x towards patient Left, y Posterior, z Superior
+  (the models and the heuristics can then assume "the liver is on the patient's right = low x");
+* results go back onto the input's exact grid (size, spacing, origin, direction bit-for-bit), so a
+  label map overlays the CT in any viewer;
+* user mistakes (missing file, truncated file, MR instead of CT, 2D image, ...) become one-line
+  :class:`InputError` messages that name the path, instead of ITK's multi-line C++ traces;
+* outputs are written atomically, so an interrupted run never leaves a half-written file that
+  looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""Single-file or header+data formats that :func:`read_image` accepts (besides DICOM folders)."""
+
+WRITE_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".mha")
+"""Formats :func:`write_image` writes. Detached-header formats (.nhdr, .mhd) are left out because
+their header names the data file, which a write-then-rename would leave pointing at the temp name."""
+
+_COMPRESSED_SUFFIXES = (".nii.gz", ".nrrd", ".mha")
+
+MIN_SLICES = 16
+"""Fewest voxels along the shortest axis: the 3D networks downsample 4 times (2**4 = 16)."""
+
+MIN_IN_PLANE = 32
+"""Fewest voxels along the two longer axes: below that there is no abdomen to segment."""
+
+CANONICAL_ORIENTATION = "LPS"
+"""DICOM-style code of the canonical frame: +x Left, +y Posterior, +z Superior (ITK's native frame)."""
+
+AIR_PERCENTILE = 0.5
+AIR_MAX_HU = -500.0
+"""A CT of the abdomen always shows air (-1000 HU) around or inside the patient; if even the 0.5th
+percentile is above -500 the values are not Hounsfield units (MR, PET, a normalised image)."""
+
+MAX_MEDIAN_HU = 2000.0
+"""Most of a CT volume is air and soft tissue; a median above this is no CT in HU."""
+
+HU_LIMITS = (-32768.0, 32767.0)
+"""Hounsfield values are stored as 16-bit signed integers by every scanner."""
+
+_PERCENTILE_SAMPLES = 1_000_000
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _suffix(path: PathLike) -> str:
+    """The image suffix of ``path`` (``.nii.gz`` counts as one), lower case, or ``""``."""
+    name = Path(path).name.lower()
+    return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+
+
+def is_image_path(path: PathLike) -> bool:
+    """True when ``path`` ends in one of :data:`IMAGE_SUFFIXES` (the file need not exist)."""
+    return _suffix(path) != ""
+
+
+def _itk_message(error: RuntimeError) -> str:
+    """The one informative line of an ITK exception.
+
+    ITK's first line is only "Exception thrown in ... file.cxx:123:"; the reason is on the next
+    line, behind an "ITK ERROR: SomeIO(0x...): " prefix. Keep just the reason, on one line.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "ERROR" in line), lines[0] if lines else "unknown error")
+    for marker in ("sitk::ERROR:", "ITK ERROR:"):
+        if marker in reason:
+            reason = reason.split(marker, 1)[1].strip()
+    reason = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", reason)
+    return reason.rstrip(":").strip() or "unknown error"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read a 3D scalar volume from an image file or a DICOM series folder.
+
+    A folder is read as a DICOM series. When it holds several series, the one with the most slices
+    is taken (ties: the smallest series UID), because that is the diagnostic volume far more often
+    than scouts or reformats; choosing a series explicitly is a later feature. A folder without
+    DICOM but with exactly one image file reads that file.
+
+    The pixel type is kept as stored (a label map must stay integer); raises :class:`InputError`
+    for anything that is not a readable 3D scalar volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder")
+    image = _read_folder(path) if path.is_dir() else _read_file(path)
+    _check_3d_scalar(image, str(path))
+    return image
+
+
+def _read_file(path: Path) -> sitk.Image:
+    """Read one image file, turning ITK's failures (and silent NIfTI truncation) into InputError."""
+    if not is_image_path(path):
+        raise InputError(f"{path}: not a supported image file; expected one of {', '.join(IMAGE_SUFFIXES)} or a folder holding a DICOM series")
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(f"{path}: cannot read the image (truncated, corrupt or not really {_suffix(path)}): {_itk_message(error)}") from None
+
+
+def _read_folder(folder: Path) -> sitk.Image:
+    """Read the largest DICOM series in ``folder``, or its only image file when it has no DICOM."""
+    reader = sitk.ImageSeriesReader()
+    series = _list_series(reader, folder)
+    if not series:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+        if len(files) == 1:
+            return _read_file(files[0])
+        found = f"{len(files)} image files" if files else "no image file"
+        raise InputError(f"{folder}: folder holds no DICOM series and {found}; give a DICOM series folder or one volume file")
+    _, uid = min(series, key=lambda item: (-item[0], item[1]))
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uid))
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"{folder}: cannot read DICOM series {uid or '(no UID)'}: {_itk_message(error)}") from None
+
+
+def _list_series(reader: sitk.ImageSeriesReader, folder: Path) -> list[tuple[int, str]]:
+    """(slice count, series UID) of every DICOM series in ``folder``.
+
+    GDCM prints a multi-line "No Series were found" warning for a folder without DICOM, which is
+    an expected case here (the folder may hold one volume file), so warnings are muted meanwhile.
+    """
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return [(len(reader.GetGDCMSeriesFileNames(str(folder), uid)), uid) for uid in reader.GetGDCMSeriesIDs(str(folder))]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _check_3d_scalar(image: sitk.Image, label: str) -> None:
+    """Reject what the pipeline cannot segment: 2D slices, time series and colour/vector images."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{label}: image is {image.GetDimension()}D with size {image.GetSize()}; expected a 3D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1 or "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"{label}: pixels are '{image.GetPixelIDTypeAsString()}' with {image.GetNumberOfComponentsPerPixel()} components; expected one scalar value per voxel (grey-level CT)")
+
+
+# NIfTI: ITK's reader silently zero-fills the missing part of a truncated .nii / .nii.gz (seen with
+# SimpleITK 2.5 / ITK 5.4), so compare the data length with what the header promises.
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes promised by a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack_from(endian + "i", header, 0)[0] == 348:
+            dims = struct.unpack_from(endian + "8h", header, 40)
+            bitpix = struct.unpack_from(endian + "h", header, 72)[0]
+            offset = int(struct.unpack_from(endian + "f", header, 108)[0])
+            break
+        if len(header) >= 540 and struct.unpack_from(endian + "i", header, 0)[0] == 540:
+            bitpix = struct.unpack_from(endian + "h", header, 14)[0]
+            dims = struct.unpack_from(endian + "8q", header, 16)
+            offset = struct.unpack_from(endian + "q", header, 168)[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7:
+        return None
+    return max(offset, 348) + math.prod(max(d, 1) for d in dims[1 : dims[0] + 1]) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise InputError when a NIfTI file is shorter than its header says (or its gzip is broken)."""
+    compressed = _suffix(path) == ".nii.gz"
+    try:
+        if not compressed:
+            with open(path, "rb") as f:
+                expected, actual = _nifti_expected_bytes(f.read(540)), os.path.getsize(path)
+        else:
+            with gzip.open(path, "rb") as f:
+                expected, actual = _nifti_expected_bytes(f.read(540)), 0
+                f.seek(0)
+                while chunk := f.read(1 << 24):
+                    actual += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{path}: file is truncated or corrupt ({error}); re-export or re-download it") from None
+    if expected is not None and actual < expected:
+        raise InputError(f"{path}: file is truncated: {actual} bytes of data where the NIfTI header needs {expected}; re-export or re-download it")
+
+
+# --------------------------------------------------------------------------- CT plausibility
+
+
+def check_ct(image: sitk.Image, path_label: str = "") -> None:
+    """Raise :class:`InputError` unless ``image`` is plausibly a CT volume in Hounsfield units.
+
+    The thresholds and models assume HU; an MR or a normalised image would run to completion and
+    produce nonsense, so catch it here with a message that says why. Percentiles come from a strided
+    sample (~1e6 voxels), so a 512x512x900 volume is checked in well under a second.
+    """
+    label = path_label or "image"
+    _check_3d_scalar(image, label)
+    _check_size(image, label)
+    voxels = sitk.GetArrayViewFromImage(image)
+    _check_finite(voxels, label)
+    low, high = float(voxels.min()), float(voxels.max())
+    if low < HU_LIMITS[0] or high > HU_LIMITS[1]:
+        raise InputError(f"{label}: values range {low:g}..{high:g}, outside the 16-bit range {HU_LIMITS[0]:g}..{HU_LIMITS[1]:g} of CT in Hounsfield units")
+    air, median = np.percentile(_sample(voxels), [AIR_PERCENTILE, 50.0])
+    if air > AIR_MAX_HU:
+        raise InputError(f"{label}: no air in the image (the {AIR_PERCENTILE}th percentile is {air:g}, a CT in Hounsfield units has air near -1000); is it an MR, or a CT stored without its rescale to HU?")
+    if median > MAX_MEDIAN_HU:
+        raise InputError(f"{label}: median value {median:g} is above {MAX_MEDIAN_HU:g}; expected a CT in Hounsfield units (soft tissue near 40, air -1000)")
+
+
+def _check_size(image: sitk.Image, label: str) -> None:
+    """Reject volumes too small for the networks (orientation-independent: sorted axis lengths)."""
+    shortest, middle, _ = sorted(image.GetSize())
+    if shortest < MIN_SLICES or middle < MIN_IN_PLANE:
+        raise InputError(f"{label}: volume of size {image.GetSize()} is too small to segment; need at least {MIN_SLICES} slices and {MIN_IN_PLANE}x{MIN_IN_PLANE} voxels in-plane")
+
+
+def _check_finite(voxels: np.ndarray, label: str) -> None:
+    """Reject NaN/Inf: one float64 sum is a fast test; count the culprits only when it fails."""
+    if not np.issubdtype(voxels.dtype, np.floating) or np.isfinite(voxels.sum(dtype=np.float64)):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(voxels)))
+    if bad:
+        raise InputError(f"{label}: {bad} voxels are NaN or infinite; expected finite Hounsfield values")
+
+
+def _sample(voxels: np.ndarray) -> np.ndarray:
+    """About :data:`_PERCENTILE_SAMPLES` voxels, strided over the flat array.
+
+    The stride is made coprime with the row and slice lengths so the sample does not keep hitting
+    the same column (e.g. a stride of 512 would sample one column of a 512-wide image).
+    """
+    flat = voxels.reshape(-1)
+    step = max(1, flat.size // _PERCENTILE_SAMPLES)
+    rows, plane = voxels.shape[-1], voxels.shape[-1] * voxels.shape[-2]
+    while step > 1 and (math.gcd(step, rows) != 1 or math.gcd(step, plane) != 1):
+        step += 1
+    return flat[::step]
+
+
+def read_ct(path: PathLike) -> sitk.Image:
+    """Read a CT volume and check it is plausible CT in HU; the pixel type is kept (casting is the caller's job)."""
+    image = read_image(path)
+    check_ct(image, str(path))
+    return image
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """Permute/flip ``image`` (no resampling) so its array axes run x=Left, y=Posterior, z=Superior.
+
+    For an axis-aligned image the direction becomes the identity and every voxel keeps its physical
+    position. An oblique image (e.g. gantry tilt) gets the nearest permutation/flip and keeps the
+    residual rotation in its direction: the array axes are then only approximately L, P, S, which
+    is what the pipeline needs, and no interpolation blurs the data.
+    """
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def from_canonical(canonical: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Bring an image computed on ``to_canonical(reference)``'s grid back onto ``reference``'s grid.
+
+    The output has reference's size, spacing, origin and direction bit-for-bit (copied, not
+    recomputed), so it overlays the original scan exactly. A canonical image whose size or spacing
+    does not belong to ``reference`` raises ValueError: that is a programming error, not user input.
+    """
+    back = _reorient_like(canonical, reference)
+    if not np.allclose(back.GetSpacing(), reference.GetSpacing(), rtol=1e-5, atol=0.0):
+        raise ValueError(f"from_canonical: spacing {canonical.GetSpacing()} is not the canonical spacing of the reference (reference spacing {reference.GetSpacing()})")
+    back.CopyInformation(reference)
+    return back
+
+
+def array_to_reference(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap a canonical ``[z, y, x]`` array (e.g. a label map) as an image on ``reference``'s grid.
+
+    The array must have the shape of ``sitk.GetArrayFromImage(to_canonical(reference))``; boolean
+    masks become uint8 because SimpleITK has no boolean pixel type.
+    """
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.ndim != 3:
+        raise ValueError(f"array_to_reference: expected a 3D [z, y, x] array, got shape {array.shape}")
+    back = _reorient_like(sitk.GetImageFromArray(array), reference)
+    back.CopyInformation(reference)
+    return back
+
+
+def _reorient_like(canonical: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Undo :func:`to_canonical`'s permutation/flips, decided by orientation codes only.
+
+    The direction is set to the identity first so the inverse permutation depends only on the
+    reference's orientation code, never on the tie-breaking of a nearly 45-degree oblique matrix.
+    """
+    work = sitk.Image(canonical)
+    work.SetDirection(_IDENTITY)
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
+    back = sitk.DICOMOrient(work, code)
+    if back.GetSize() != reference.GetSize():
+        raise ValueError(f"canonical image/array of size {canonical.GetSize()} (x, y, z) is not on the canonical grid of the reference (reference size {reference.GetSize()}, orientation {code})")
+    return back
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` atomically to ``path`` and return the path.
+
+    The data goes to a hidden temp file in the same folder (same extension, so SimpleITK picks the
+    same format) and is renamed onto ``path`` only when complete: a crash never leaves a partial
+    file under the real name. An existing file is refused unless ``overwrite``.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise InputError(f"{path}: cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}")
+
+    def write(temp: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(temp), useCompression=suffix in _COMPRESSED_SUFFIXES)
+        except RuntimeError as error:
+            raise InputError(f"{path}: cannot write the image: {_itk_message(error)}") from None
+
+    return _atomic_write(path, suffix, overwrite, write)
+
+
+def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
+    """Write ``data`` as indented JSON, atomically like :func:`write_image`.
+
+    NaN/Infinity are refused (ValueError): they are not JSON and other tools reject them.
+    """
+    path = Path(path)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _atomic_write(path, path.suffix, overwrite, write)
+
+
+def _atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a temp file next to ``path``, then rename it onto ``path``; clean up on failure."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: output file already exists; choose another name or allow overwriting")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{path}: cannot create the output folder {path.parent} ({error.strerror or error}); is a file in the way, or the location read-only?") from None
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    temp = path.with_name(f".{stem}.partial-{secrets.token_hex(6)}{suffix}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        raise InputError(f"{path}: cannot write the output: {error.strerror or error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    return path

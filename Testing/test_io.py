@@ -1,0 +1,365 @@
+"""Tests of LiverTumorDARNLib.io: reading, CT checks, canonical orientation, atomic writing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverTumorDARNLib import io
+from LiverTumorDARNLib.errors import InputError
+
+REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "realct"
+LITS = REALCT / "lits-volume-0"
+DICOM = REALCT / "siemens-dicom-20"
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def ct_like(size_xyz=(40, 36, 20), seed=0) -> sitk.Image:
+    """Small int16 volume that passes check_ct: air border, soft tissue inside, some noise."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size_xyz
+    array = np.full((nz, ny, nx), -1000, np.int16)
+    array[:, ny // 4 : -ny // 4, nx // 4 : -nx // 4] = 40
+    array += rng.integers(-20, 20, array.shape, dtype=np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.75, 0.875, 2.5))  # float32-exact: NIfTI stores geometry as float32
+    image.SetOrigin((-12.5, 30.25, 100.0))
+    return image
+
+
+def assert_same_image(actual: sitk.Image, expected: sitk.Image) -> None:
+    """Same voxels, pixel type and geometry, bit-for-bit."""
+    assert actual.GetPixelID() == expected.GetPixelID()
+    assert actual.GetSize() == expected.GetSize()
+    assert actual.GetSpacing() == expected.GetSpacing()
+    assert actual.GetOrigin() == expected.GetOrigin()
+    assert actual.GetDirection() == expected.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(actual), sitk.GetArrayViewFromImage(expected))
+
+
+def axis_aligned_directions() -> list:
+    """All 48 axis-aligned direction matrices: 6 permutations x 8 sign patterns."""
+    params = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            matrix = np.zeros((3, 3))
+            for column, (row, sign) in enumerate(zip(perm, signs)):
+                matrix[row, column] = sign
+            name = f"perm{''.join(map(str, perm))}-signs{''.join('+-'[s < 0] for s in signs)}"
+            params.append(pytest.param(tuple(matrix.ravel()), id=name))
+    return params
+
+
+def marked_volume(direction) -> tuple[sitk.Image, tuple[int, int, int]]:
+    """Anisotropic, off-origin volume with one marked voxel (its index returned, x, y, z order)."""
+    array = np.zeros((5, 6, 7), np.int16)
+    marked = (5, 1, 3)  # x, y, z: away from every centre, so any flip moves it
+    array[marked[2], marked[1], marked[0]] = 1000
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 1.3, 3.1))
+    image.SetOrigin((-17.0, 42.5, 8.25))
+    image.SetDirection(direction)
+    return image, marked
+
+
+@pytest.fixture(scope="module")
+def lits_ct() -> sitk.Image:
+    path = LITS / "ct.nii.gz"
+    if not path.exists():
+        pytest.skip(f"real CT not available at {path}")
+    return io.read_ct(path)
+
+
+@pytest.fixture
+def dicom_folder() -> Path:
+    if not DICOM.is_dir():
+        pytest.skip(f"real DICOM series not available at {DICOM}")
+    return DICOM
+
+
+def assert_one_line_input_error(call, *args, match: str = "") -> InputError:
+    with pytest.raises(InputError, match=match) as info:
+        call(*args)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize("direction", axis_aligned_directions())
+def test_to_canonical_gives_identity_direction_and_keeps_world_position_of_voxels(direction):
+    image, marked = marked_volume(direction)
+    point = image.TransformIndexToPhysicalPoint(marked)
+
+    canonical = io.to_canonical(image)
+
+    assert canonical.GetDirection() == pytest.approx(IDENTITY)
+    z, y, x = np.argwhere(sitk.GetArrayViewFromImage(canonical) == 1000)[0]
+    assert canonical.TransformIndexToPhysicalPoint((int(x), int(y), int(z))) == pytest.approx(point)
+
+
+@pytest.mark.parametrize("direction", axis_aligned_directions())
+def test_from_canonical_restores_original_array_and_geometry_exactly(direction):
+    image, _ = marked_volume(direction)
+    assert_same_image(io.from_canonical(io.to_canonical(image), image), image)
+
+
+@pytest.mark.parametrize("direction", axis_aligned_directions())
+def test_array_to_reference_places_canonical_array_on_reference_grid(direction):
+    image, _ = marked_volume(direction)
+    canonical_array = sitk.GetArrayFromImage(io.to_canonical(image))
+    assert_same_image(io.array_to_reference(canonical_array, image), image)
+
+
+def test_array_to_reference_stores_boolean_mask_as_uint8():
+    image, _ = marked_volume(IDENTITY)
+    mask = sitk.GetArrayViewFromImage(image) > 0
+    result = io.array_to_reference(mask, image)
+    assert result.GetPixelID() == sitk.sitkUInt8
+    assert int(sitk.GetArrayViewFromImage(result).sum()) == 1
+
+
+def test_oblique_image_keeps_residual_rotation_and_round_trips_exactly():
+    image, _ = marked_volume(IDENTITY)
+    angle = np.deg2rad(10.0)  # rotated about z, the nearest code is still LPS after swapping x/y
+    c, s = np.cos(angle), np.sin(angle)
+    image.SetDirection((s, c, 0.0, -c, s, 0.0, 0.0, 0.0, 1.0))
+    canonical = io.to_canonical(image)
+    assert canonical.GetDirection() != pytest.approx(IDENTITY)
+    assert np.abs(np.diag(np.reshape(canonical.GetDirection(), (3, 3)))).min() > 0.9
+    assert_same_image(io.from_canonical(canonical, image), image)
+
+
+def test_from_canonical_rejects_image_from_another_grid():
+    image, _ = marked_volume(IDENTITY)
+    with pytest.raises(ValueError, match="canonical grid"):
+        io.from_canonical(ct_like(), image)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_real_lits_ct_becomes_identity_direction_in_canonical_form(lits_ct):
+    assert lits_ct.GetDirection() == pytest.approx((1, 0, 0, 0, -1, 0, 0, 0, -1))
+    assert io.to_canonical(lits_ct).GetDirection() == pytest.approx(IDENTITY)
+
+
+def test_real_lits_ct_round_trips_exactly_through_canonical_form(lits_ct):
+    assert_same_image(io.from_canonical(io.to_canonical(lits_ct), lits_ct), lits_ct)
+
+
+def test_real_lits_liver_mask_lines_up_with_ct_in_canonical_form(lits_ct):
+    liver = io.read_image(LITS / "liver.nii.gz")
+    canonical_ct, canonical_liver = io.to_canonical(lits_ct), io.to_canonical(liver)
+    assert canonical_liver.GetSize() == canonical_ct.GetSize()
+    assert canonical_liver.GetOrigin() == pytest.approx(canonical_ct.GetOrigin())
+    inside = sitk.GetArrayViewFromImage(canonical_ct)[sitk.GetArrayViewFromImage(canonical_liver) > 0]
+    assert 60 < float(np.median(inside)) < 200  # liver parenchyma in contrast CT, not air or bone
+
+
+def test_real_dicom_series_reads_as_plausible_ct_volume(dicom_folder):
+    image = io.read_image(dicom_folder)
+    assert image.GetSize() == (512, 512, 20)
+    assert image.GetSpacing() == pytest.approx((0.977, 0.977, 2.0), abs=1e-3)
+    assert float(sitk.GetArrayViewFromImage(image).min()) <= -900
+    io.check_ct(image, str(dicom_folder))
+
+
+# --------------------------------------------------------------------------- file round trips
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+def test_write_then_read_reproduces_image_exactly(tmp_path, suffix):
+    image = ct_like()
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    written = io.write_image(image, tmp_path / f"ct{suffix}")
+    assert written == tmp_path / f"ct{suffix}"
+    assert_same_image(io.read_image(written), image)
+
+
+def test_folder_without_dicom_reads_its_single_image_file(tmp_path):
+    image = ct_like()
+    io.write_image(image, tmp_path / "only.nrrd")
+    assert_same_image(io.read_image(tmp_path), image)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("a.nii.gz", True), ("A.NII", True), ("b.nrrd", True), ("c.mhd", True), ("d.dcm", False), ("nii.gz.txt", False)],
+)
+def test_is_image_path_recognises_supported_suffixes(name, expected):
+    assert io.is_image_path(name) is expected
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_path_is_input_error(tmp_path):
+    assert_one_line_input_error(io.read_image, tmp_path / "nope.nii.gz", match="no such file")
+
+
+def test_empty_folder_is_input_error(tmp_path):
+    assert_one_line_input_error(io.read_image, tmp_path, match="no DICOM series")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_file_is_input_error(tmp_path, suffix):
+    path = tmp_path / f"ct{suffix}"
+    io.write_image(ct_like(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_one_line_input_error(io.read_image, path, match=str(path))
+
+
+def test_text_file_named_nrrd_is_input_error(tmp_path):
+    path = tmp_path / "fake.nrrd"
+    path.write_text("this is not an image\n")
+    assert_one_line_input_error(io.read_image, path, match="cannot read")
+
+
+def test_unsupported_suffix_is_input_error(tmp_path):
+    path = tmp_path / "slice.dcm"
+    path.write_bytes(b"\0" * 200)
+    assert_one_line_input_error(io.read_image, path, match="DICOM series")
+
+
+def test_2d_image_is_input_error(tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(64, 64, sitk.sitkInt16), str(path))
+    assert_one_line_input_error(io.read_image, path, match="2D")
+
+
+def test_4d_image_is_input_error(tmp_path):
+    path = tmp_path / "series.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([ct_like(), ct_like(seed=1)]), str(path))
+    assert_one_line_input_error(io.read_image, path, match="4D")
+
+
+def test_rgb_image_is_input_error(tmp_path):
+    path = tmp_path / "colour.mha"
+    sitk.WriteImage(sitk.Image([40, 36, 20], sitk.sitkVectorUInt8, 3), str(path))
+    assert_one_line_input_error(io.read_image, path, match="scalar")
+
+
+def test_nan_voxels_are_input_error():
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    assert_one_line_input_error(io.check_ct, sitk.GetImageFromArray(array), "nan.nii", match="NaN")
+
+
+def test_mr_like_volume_without_air_is_input_error():
+    rng = np.random.default_rng(0)
+    mr = sitk.GetImageFromArray(rng.integers(0, 1000, (20, 36, 40)).astype(np.int16))
+    assert_one_line_input_error(io.check_ct, mr, "mr.nii", match="Hounsfield")
+
+
+def test_values_beyond_16_bit_range_are_input_error():
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.float32)
+    array[0, 0, 0] = 70000.0
+    assert_one_line_input_error(io.check_ct, sitk.GetImageFromArray(array), match="16-bit")
+
+
+def test_volume_with_8_slices_is_input_error():
+    assert_one_line_input_error(io.check_ct, ct_like((40, 36, 8)), "thin.nii", match="too small")
+
+
+def test_ct_with_outside_field_of_view_value_is_accepted():
+    array = sitk.GetArrayFromImage(ct_like())
+    array[:, :3, :] = -3024
+    io.check_ct(sitk.GetImageFromArray(array))
+
+
+def test_read_ct_rejects_mr_file_naming_the_path(tmp_path):
+    path = tmp_path / "mr.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 36, 40), 300, np.int16)), str(path))
+    error = assert_one_line_input_error(io.read_ct, path, match="Hounsfield")
+    assert str(path) in str(error)
+
+
+# --------------------------------------------------------------------------- atomic writing
+
+
+def test_write_image_refuses_existing_file_and_keeps_its_bytes(tmp_path):
+    path = tmp_path / "out.nii.gz"
+    path.write_bytes(b"precious")
+    assert_one_line_input_error(io.write_image, ct_like(), path, match="already exists")
+    assert path.read_bytes() == b"precious"
+
+
+def test_write_image_with_overwrite_replaces_existing_file(tmp_path):
+    path = tmp_path / "out.nrrd"
+    path.write_bytes(b"old")
+    io.write_image(ct_like(), path, overwrite=True)
+    assert_same_image(io.read_image(path), ct_like())
+
+
+def test_write_image_creates_missing_parent_folders(tmp_path):
+    path = io.write_image(ct_like(), tmp_path / "a" / "b" / "out.mha")
+    assert path.is_file()
+
+
+def test_write_image_under_a_file_is_input_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_input_error(io.write_image, ct_like(), tmp_path / "afile" / "out.nii.gz", match="cannot create")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_write_image_into_read_only_folder_is_input_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        assert_one_line_input_error(io.write_image, ct_like(), folder / "out.nii.gz", match="cannot write")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_write_image_refuses_detached_header_format(tmp_path):
+    assert_one_line_input_error(io.write_image, ct_like(), tmp_path / "out.mhd", match="cannot write this format")
+
+
+def test_failed_write_leaves_no_temp_file_and_no_target(tmp_path, monkeypatch):
+    def failing_write(image, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")  # a partial file, as a crash mid-write would leave
+        raise RuntimeError("Exception thrown in sitk\nITK ERROR: disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    assert_one_line_input_error(io.write_image, ct_like(), tmp_path / "out.nii.gz", match="disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_file_keeps_the_real_extension(tmp_path, monkeypatch):
+    seen = []
+    real_write = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, path, **kw: (seen.append(path), real_write(image, path, **kw)))
+    io.write_image(ct_like(), tmp_path / "seg.nii.gz")
+    name = Path(seen[0]).name
+    assert name.startswith(".seg.partial-") and name.endswith(".nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
+
+
+def test_write_json_is_indented_and_refuses_existing_file(tmp_path):
+    path = tmp_path / "report" / "manifest.json"
+    io.write_json({"liver_ml": 1520.5, "labels": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"liver_ml": 1520.5, "labels": [1, 2]}
+    assert "\n  " in path.read_text()
+    assert_one_line_input_error(io.write_json, {}, path, match="already exists")
+    io.write_json({"v": 2}, path, overwrite=True)
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["manifest.json"]
+
+
+def test_write_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        io.write_json({"dice": float("nan")}, tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []
