@@ -1,0 +1,137 @@
+"""The Slicer extension's files agree with each other; read as text, no Slicer needed.
+
+3D Slicer only installs what LiverTumorDARN/CMakeLists.txt lists, and only finds widgets that
+the .ui file declares, so a forgotten line there breaks the module in the application while
+every core test still passes. These tests catch that here.
+"""
+
+from __future__ import annotations
+
+import json
+import py_compile
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "LiverTumorDARN"
+MODULE_SCRIPT = MODULE_DIR / "LiverTumorDARN.py"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+CORE_DIR = MODULE_DIR / "LiverTumorDARNLib"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "LiverTumorDARN.ui"
+ROOT_CMAKE = ROOT / "CMakeLists.txt"
+INDEX_ENTRY = ROOT / "LiverTumorDARN.json"
+
+EXTENSION_METADATA_KEYS = (
+    "EXTENSION_HOMEPAGE",
+    "EXTENSION_CONTRIBUTORS",
+    "EXTENSION_DESCRIPTION",
+    "EXTENSION_ICONURL",
+    "EXTENSION_SCREENSHOTURLS",
+    "EXTENSION_DEPENDS",
+)
+NOT_INSTALLED = {".gitkeep", "README.md"}
+
+
+def _module_cmake_entries() -> set[str]:
+    """Paths listed in the module's CMakeLists.txt, relative to the module folder."""
+    text = MODULE_CMAKE.read_text()
+    text = text.replace("${MODULE_NAME}", "LiverTumorDARN")
+    return set(re.findall(r"^\s*([\w./-]+\.\w+)\s*$", text, flags=re.MULTILINE))
+
+
+def _relative(path: Path) -> str:
+    return path.relative_to(MODULE_DIR).as_posix()
+
+
+def _module_python_files() -> list[Path]:
+    return sorted(p for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _cmake_set(name: str) -> str | None:
+    match = re.search(rf'^\s*set\(\s*{name}\s+"([^"]*)"', ROOT_CMAKE.read_text(), flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def test_every_python_file_of_the_module_is_listed_in_its_cmakelists():
+    listed = _module_cmake_entries()
+    missing = [_relative(p) for p in _module_python_files() if _relative(p) not in listed]
+    assert not missing, f"not in MODULE_PYTHON_SCRIPTS of {MODULE_CMAKE.name}: {missing}"
+
+
+def test_every_file_listed_in_the_module_cmakelists_exists():
+    absent = sorted(entry for entry in _module_cmake_entries() if not (MODULE_DIR / entry).is_file())
+    assert not absent, f"listed in {MODULE_CMAKE.name} but missing: {absent}"
+
+
+def test_every_resource_file_is_listed_in_the_module_cmakelists():
+    listed = _module_cmake_entries()
+    resources = [p for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file() and p.name not in NOT_INSTALLED]
+    missing = [_relative(p) for p in resources if _relative(p) not in listed]
+    assert not missing, f"not in MODULE_PYTHON_RESOURCES of {MODULE_CMAKE.name}: {missing}"
+
+
+def test_every_widget_the_module_uses_is_declared_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_SCRIPT.read_text()))
+    declared = set(re.findall(r'name="(\w+)"', UI_FILE.read_text()))
+    assert used, "the module uses no widget from the .ui file"
+    assert used <= declared, f"used as self.ui.<name> but not in {UI_FILE.name}: {sorted(used - declared)}"
+
+
+def test_the_module_script_compiles(tmp_path):
+    py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
+
+
+def test_the_extension_project_name_matches_the_index_entry_file_name():
+    match = re.search(r"^\s*project\(\s*(\w+)", ROOT_CMAKE.read_text(), flags=re.MULTILINE)
+    assert match, "no project() in the root CMakeLists.txt"
+    assert match.group(1) == INDEX_ENTRY.stem
+
+
+def test_the_index_entry_has_the_required_keys_category_and_pytorch_dependency():
+    entry = json.loads(INDEX_ENTRY.read_text())
+    assert {"$schema", "category", "scm_url"} <= entry.keys()
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"]
+    assert entry["category"] == "Segmentation"
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["scm_url"] == _cmake_set("EXTENSION_HOMEPAGE")
+
+
+def test_the_license_is_apache_2():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+@pytest.mark.parametrize("key", EXTENSION_METADATA_KEYS)
+def test_the_root_cmakelists_sets_each_extension_metadata_key(key):
+    value = _cmake_set(key)
+    assert value, f"{key} is not set in the root CMakeLists.txt"
+
+
+def test_the_extension_depends_on_pytorch():
+    assert _cmake_set("EXTENSION_DEPENDS") == "PyTorch"
+
+
+@pytest.mark.parametrize("path", sorted(CORE_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
+    gui_import = re.compile(r"^\s*(?:import|from)\s+(slicer|qt|ctk|vtk|vtkmodules|__main__)\b", flags=re.MULTILINE)
+    found = gui_import.findall(path.read_text())
+    assert not found, f"{path.name} imports {found}: the core must run without Slicer"
+
+
+SHIPPED_WITH_SLICER = {"numpy", "scipy", "simpleitk"}
+
+
+def _requirement_names(lines) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower()
+            for line in lines if line.strip() and not line.strip().startswith("#")}
+
+
+def test_slicer_requirements_are_the_core_dependencies_slicer_does_not_ship():
+    import tomllib
+
+    core = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    slicer_side = _requirement_names((ROOT / "LiverTumorDARN" / "Resources" / "requirements.txt").read_text().splitlines())
+    assert slicer_side == core - SHIPPED_WITH_SLICER
