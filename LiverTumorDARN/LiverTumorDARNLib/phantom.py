@@ -400,10 +400,10 @@ def _draw_abdominal_organs(canvas: _Canvas, body: _Body, rng, phase: str) -> Non
     """Bowel, stomach, pancreas and spleen: drawn before the liver, which then covers them."""
     s = body.scale
     _draw_colon(canvas, body, rng)
-    for _ in range(rng.integers(8, 20)):
-        start = np.array(body.at(rng.uniform(-330, -170), rng.uniform(-90, 20), rng.uniform(-90, 90)))
+    for _ in range(rng.integers(25, 50)):  # small bowel fills the mesentery below the liver
+        start = np.array(body.at(rng.uniform(-340, -130), rng.uniform(-95, 30), rng.uniform(-100, 100)))
         end = start + rng.normal(0, 35 * s, size=3)
-        _draw_bowel_segment(canvas, start, end, rng.uniform(9, 15) * s, rng)
+        _draw_bowel_segment(canvas, start, end, rng.uniform(9, 17) * s, rng)
     # Stomach: gas rises to the front (the patient lies supine), fluid or oral contrast behind.
     center = body.at(-60, -35, 50)
     radii = np.array([50, 35, 42]) * s * rng.uniform(0.7, 1.2, size=3)
@@ -647,8 +647,9 @@ def _intensity_table(phase: str, randomize: bool, rng) -> np.ndarray:
     table = np.zeros(256, np.float32)
     for tissue, hu in _HU[phase].items():
         table[tissue] = hu
+    soft = [t for t in Tissue if -200 < table[t] < 400]
+    table[soft] += rng.normal(0, 8, len(soft)).astype(np.float32)  # patients and scanners differ
     if randomize:  # SynthSeg-style: each tissue its own random mean, air and bone kept apart
-        soft = [t for t in Tissue if -200 < table[t] < 400]
         table[soft] += rng.normal(0, 35, len(soft)).astype(np.float32)
         table[Tissue.LIVER] = rng.uniform(40, 180)
     return table
