@@ -71,3 +71,22 @@ def test_installed_console_command_runs(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (Path(sys.executable).parent / "livertumordarn").exists()
+
+
+def test_picture_refuses_a_volume_that_is_not_ct(dataset, tmp_path, capsys):
+    """MR-like intensities (no air below -500 HU) are refused before anything is drawn."""
+    labels = sitk.ReadImage(str(dataset / "segmentation-0.nii.gz"))
+    not_ct = sitk.Cast(labels, sitk.sitkInt16) * 300 + 100
+    sitk.WriteImage(not_ct, str(tmp_path / "mr.nii.gz"))
+    code = main(["picture", str(tmp_path / "mr.nii.gz"), str(dataset / "segmentation-0.nii.gz"),
+                 "-o", str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Hounsfield" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_picture_draws_a_png_of_the_case(dataset, tmp_path):
+    assert main(["picture", str(dataset / "volume-0.nii.gz"), str(dataset / "segmentation-0.nii.gz"),
+                 "-o", str(tmp_path / "case.png")]) == 0
+    png = sitk.ReadImage(str(tmp_path / "case.png"))
+    assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] >= 96

@@ -35,12 +35,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _picture(args: argparse.Namespace) -> int:
-    from .io import read_image
+    from .io import read_ct, read_image
     from .picture import axial_overlay, save_png
 
     if args.output.exists() and not args.overwrite:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
-    ct, labels = read_image(args.volume), read_image(args.labels)
+    ct, labels = read_ct(args.volume), read_image(args.labels)
     if ct.GetSize() != labels.GetSize():
         raise InputError(f"{args.labels} has size {labels.GetSize()}, the CT {ct.GetSize()}: not the same grid")
     print(save_png(axial_overlay(ct, labels, args.slice), args.output))
