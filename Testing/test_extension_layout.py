@@ -121,7 +121,7 @@ def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
     assert not found, f"{path.name} imports {found}: the core must run without Slicer"
 
 
-SHIPPED_WITH_SLICER = {"numpy", "scipy", "simpleitk"}
+SHIPPED_WITH_SLICER = {"numpy", "scipy", "simpleitk", "torch"}  # torch: the PyTorch extension
 
 
 def _requirement_names(lines) -> set[str]:

@@ -1,0 +1,151 @@
+"""The cascade's plumbing: grids, crops, sliding windows, pasting back, post-processing, report.
+
+The networks here are tiny TorchScript stand-ins that threshold intensity, so every test checks
+geometry and bookkeeping, independent of trained weights.
+"""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from LiverTumorDARNLib.io import to_canonical
+from LiverTumorDARNLib.metrics import dice
+from LiverTumorDARNLib.phantom import generate_case
+from LiverTumorDARNLib.pipeline import (STAGES, Stage, gaussian_importance, postprocess, prepare_case,
+                                        segment, sliding_window, working_grid)
+from LiverTumorDARNLib.report import longest_axial_diameter, measure
+
+LIVER_HU, TUMOR_HU, SURROUNDINGS_HU = 120, 30, 400  # surroundings bright: no ramp crosses tumor HU
+
+
+class LiverByIntensity(torch.nn.Module):
+    """Stage 1 stand-in: liver (with tumors) is whatever is darker than the surroundings."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        liver = (x < 1.8).float()
+        return torch.cat([1 - liver, liver], dim=1) * 10
+
+
+class TumorByIntensity(torch.nn.Module):
+    """Stage 2 stand-in: tumor below 80 HU, liver below the surroundings, else background."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tumor = (x < 0.3).float()
+        liver = (x < 1.8).float() - tumor
+        return torch.cat([1 - tumor - liver, liver, tumor], dim=1) * 10
+
+
+def stages() -> tuple[Stage, Stage]:
+    return (Stage(torch.jit.script(LiverByIntensity()), STAGES["liver"]),
+            Stage(torch.jit.script(TumorByIntensity()), STAGES["tumor"]))
+
+
+def sphere_scan(orientation: str) -> tuple[sitk.Image, np.ndarray]:
+    """An anisotropic scan with a 'liver' sphere holding a 'tumor' sphere, stored in ``orientation``."""
+    size_zyx, spacing_xyz = (40, 90, 100), (1.6, 1.6, 3.0)
+    z, y, x = np.indices(size_zyx).astype(float)
+    mm = (x * spacing_xyz[0], y * spacing_xyz[1], z * spacing_xyz[2])
+    liver = ((mm[0] - 80) ** 2 + (mm[1] - 72) ** 2 + (mm[2] - 60) ** 2) < 45 ** 2
+    tumor = ((mm[0] - 95) ** 2 + (mm[1] - 70) ** 2 + (mm[2] - 60) ** 2) < 15 ** 2
+    labels = np.where(tumor, 2, np.where(liver, 1, 0)).astype(np.uint8)
+    hu = np.choose(labels, [SURROUNDINGS_HU, LIVER_HU, TUMOR_HU]).astype(np.int16)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing_xyz)
+    image.SetOrigin((-30.0, 12.5, -200.0))
+    return sitk.DICOMOrient(image, orientation), labels
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "LAI", "RAS"])
+def test_segment_returns_labels_on_the_input_grid_in_every_orientation(orientation):
+    ct, truth = sphere_scan(orientation)
+    result = segment(ct, *stages(), torch.device("cpu"))
+    for name in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(result.labels, name)() == getattr(ct, name)()
+    labels = sitk.GetArrayFromImage(to_canonical(result.labels))
+    assert dice(labels > 0, truth > 0) > 0.97
+    assert dice(labels == 2, truth == 2) > 0.9
+
+
+def test_segment_says_so_when_no_liver_is_found():
+    class Nothing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.ones_like(x), torch.zeros_like(x)], dim=1)
+
+    ct, _ = sphere_scan("LPS")
+    result = segment(ct, Stage(torch.jit.script(Nothing()), STAGES["liver"]), stages()[1], torch.device("cpu"))
+    assert not result.liver_found
+    assert not sitk.GetArrayViewFromImage(result.labels).any()
+
+
+def test_working_grid_covers_the_input_extent_at_the_new_spacing():
+    image = sitk.Image([100, 80, 30], sitk.sitkInt16)
+    image.SetSpacing((0.8, 0.8, 5.0))
+    grid = working_grid(image, (4.0, 4.0, 4.0))
+    assert grid.GetSize() == (20, 16, 38)
+    first_corner_in = np.array(image.GetOrigin()) - 0.5 * np.array(image.GetSpacing())
+    first_corner_out = np.array(grid.GetOrigin()) - 0.5 * np.array(grid.GetSpacing())
+    assert np.allclose(first_corner_in, first_corner_out)
+
+
+def test_tumor_stage_crops_to_the_liver_with_its_margin():
+    case = generate_case(1, small=True)
+    prepared = prepare_case(case.image, case.labels, STAGES["tumor"], liver_box_margin_mm=12.0)
+    liver = np.argwhere(prepared.labels > 0)
+    margin_voxels = 12.0 / STAGES["tumor"].spacing_mm[0]
+    assert (liver.min(0) >= margin_voxels - 2).all()
+    assert (np.array(prepared.labels.shape) - 1 - liver.max(0) >= margin_voxels - 2).all()
+    assert prepared.image.dtype == np.float32 and prepared.image.shape == prepared.labels.shape
+
+
+def test_liver_stage_folds_tumor_into_liver():
+    case = generate_case(1, small=True)
+    prepared = prepare_case(case.image, case.labels, STAGES["liver"])
+    assert set(np.unique(prepared.labels)) == {0, 1}
+
+
+def test_sliding_window_covers_volumes_smaller_and_larger_than_the_patch():
+    constant = torch.jit.script(TumorByIntensity())
+    for shape in [(20, 30, 40), (70, 65, 130)]:
+        image = np.full(shape, -1.0, np.float32)  # tumor everywhere
+        probabilities = sliding_window(constant, image, (32, 32, 32), 3, torch.device("cpu"))
+        assert probabilities.shape == (3, *shape)
+        assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
+        assert (probabilities[2] > 0.99).all()
+
+
+def test_gaussian_importance_trusts_the_window_centre_most():
+    weights = gaussian_importance((16, 16, 16))
+    assert weights[8, 8, 8] == weights.max() and weights[0, 0, 0] > 0
+
+
+def test_postprocess_keeps_the_main_liver_and_drops_tumor_specks():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:20] = 1
+    labels[10:15, 10:15, 10:15] = 2  # a real tumor: 125 mm^3
+    labels[20, 20, 8] = 2  # a 1 mm^3 speck
+    labels[27:29, 27:29, 27:29] = 1  # a separate liver-coloured blob
+    cleaned = postprocess(labels, (1.0, 1.0, 1.0))
+    assert cleaned[20, 20, 8] == 1 and cleaned[12, 12, 12] == 2
+    assert not cleaned[27:29, 27:29, 27:29].any()
+
+
+def test_longest_axial_diameter_of_a_disk_is_its_diameter():
+    y, x = np.indices((80, 80))
+    disk = ((x - 40) ** 2 + (y - 40) ** 2) < 20 ** 2  # radius 20 voxels
+    smaller = ((x - 40) ** 2 + (y - 40) ** 2) < 10 ** 2
+    mask = np.stack([smaller, disk, smaller])  # the longest slice counts
+    assert longest_axial_diameter(mask, (0.5, 0.5)) == pytest.approx(20.0, abs=0.6)  # 40 voxels x 0.5 mm
+
+
+def test_report_measures_the_tumors_of_a_label_map():
+    ct, truth = sphere_scan("LAI")
+    labels = sitk.GetImageFromArray(truth)
+    labels.CopyInformation(to_canonical(ct))
+    report = measure(to_canonical(ct), labels)
+    assert len(report.tumors) == 1
+    tumor = report.tumors[0]
+    assert tumor.volume_ml == pytest.approx(4 / 3 * np.pi * 15 ** 3 / 1000, rel=0.05)
+    assert tumor.longest_axial_diameter_mm == pytest.approx(30, abs=3.5)
+    assert tumor.mean_hu == pytest.approx(TUMOR_HU)
+    assert report.tumor_burden_percent == pytest.approx(100 * (15 / 45) ** 3, rel=0.06)
