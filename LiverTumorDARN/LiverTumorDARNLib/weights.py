@@ -1,0 +1,163 @@
+"""The bundled network weights: TorchScript files plus a manifest that says what each one is.
+
+``Resources/Models/manifest.json`` (format 1)::
+
+    {"format": 1,
+     "intended_use": "trained on synthetic phantoms, ...",
+     "models": {"liver": {"file": "darn-liver.pt", "sha256": "...", "bytes": n,
+                          "model": {DARN constructor arguments},
+                          "stage": {StageSpec fields},
+                          "training": {data, iterations, machine, command, ...},
+                          "metrics": {...}},
+                "tumor": {...}}}
+
+Why it is built this way:
+- Inference loads only TorchScript (``torch.jit.load``), never the Python model class, so a
+  weights file runs with whatever version of ``models.py`` is installed next to it.
+- ``torch.jit.load`` unpickles, so a replaced file could run code: the SHA-256 from the manifest
+  is checked *before* loading, and a mismatch is refused. It also catches truncated downloads
+  and Git LFS pointer files in place of the weights.
+- Files are capped at :data:`MAX_MODEL_BYTES` because they ship inside the extension package.
+- The manifest keeps the architecture and the training record, so anyone can see what a file
+  was trained on and rebuild it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import InputError
+from .io import write_json
+
+if TYPE_CHECKING:  # torch is imported where it is used: finding the models folder stays cheap
+    import torch
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+INTENDED_USE = ("trained on synthetic phantoms, for demonstration and research; "
+                "train on real data before any other use")
+MAX_MODEL_BYTES = 16 * 1024 * 1024
+"""Largest weights file that may be bundled with the extension."""
+
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def bundled_models_dir() -> Path:
+    """``Resources/Models`` of the extension, next to the package."""
+    return Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def load_manifest(models_dir: Path) -> dict:
+    """The manifest of a models folder; InputError when it is missing or not format 1."""
+    path = Path(models_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no weights manifest; the models folder has no trained weights") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable weights manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("models"), dict):
+        raise InputError(f"{path}: not a format-{MANIFEST_FORMAT} weights manifest (needs \"format\": {MANIFEST_FORMAT} and a \"models\" object)")
+    return manifest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The TorchScript model ``name`` of the manifest, in eval mode on ``device``, and its entry.
+
+    The file's SHA-256 must match the manifest before it is loaded (see the module docstring).
+    """
+    import torch
+
+    models_dir = Path(models_dir)
+    models = load_manifest(models_dir)["models"]
+    if name not in models:
+        raise InputError(f"{models_dir / MANIFEST_NAME}: no model {name!r}; it lists {', '.join(sorted(models)) or 'none'}")
+    entry = models[name]
+    path = models_dir / entry["file"]
+    if not path.is_file():
+        raise InputError(f"{path}: weights file named in the manifest is missing")
+    actual = file_sha256(path)
+    if actual != entry["sha256"]:
+        raise InputError(f"{path}: checksum mismatch: expected {entry['sha256']}, got {actual}; the file is corrupt or was replaced")
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    return module, entry
+
+
+def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, training_info: dict, metrics: dict) -> Path:
+    """Turn a training checkpoint into ``models_dir/darn-{name}.pt`` and its manifest entry.
+
+    The exported model has no deep-supervision heads (inference never uses them). Other entries
+    of the manifest are kept; both files are written atomically. Returns the weights file's path.
+    """
+    from .models import build_model
+
+    if not _MODEL_NAME.match(name):
+        raise InputError(f"model name {name!r}: use lower-case letters, digits, '-' and '_'")
+    models_dir = Path(models_dir)
+    payload = _read_checkpoint(Path(checkpoint))
+    architecture = {**payload["model_config"], "deep_supervision": False}
+    model = build_model(architecture)
+    model.load_state_dict({key: value for key, value in payload["model"].items()
+                           if not key.startswith("auxiliary_heads.")})
+    target = models_dir / f"darn-{name}.pt"
+    _export_within_limit(model, target)
+    manifest = _manifest_or_new(models_dir)
+    manifest["models"][name] = {
+        "file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
+        "model": {**architecture, "encoder_widths": list(architecture["encoder_widths"])},
+        "stage": payload["stage"], "training": training_info, "metrics": metrics,
+    }
+    write_json(manifest, models_dir / MANIFEST_NAME, overwrite=True)
+    return target
+
+
+def _read_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise InputError(f"{path}: cannot read the checkpoint ({str(error).splitlines()[0] if str(error) else error})") from None
+    if not isinstance(payload, dict) or not {"model", "model_config", "stage"} <= payload.keys():
+        raise InputError(f"{path}: not a LiverTumorDARN training checkpoint (no model, model_config and stage)")
+    return payload
+
+
+def _export_within_limit(model: torch.nn.Module, target: Path) -> None:
+    """Script the model to a temp file, refuse it over :data:`MAX_MODEL_BYTES`, else move it to ``target``."""
+    from .models import export_torchscript
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(6)}")
+    try:
+        export_torchscript(model, temp)
+        size = temp.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            raise InputError(f"{target.name}: exported model is {size / 2**20:.1f} MiB, over the "
+                             f"{MAX_MODEL_BYTES / 2**20:.0f} MiB limit for bundled weights; train narrower widths")
+        os.replace(temp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+def _manifest_or_new(models_dir: Path) -> dict:
+    if not (models_dir / MANIFEST_NAME).exists():
+        return {"format": MANIFEST_FORMAT, "intended_use": INTENDED_USE, "models": {}}
+    return load_manifest(models_dir)

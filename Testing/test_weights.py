@@ -1,0 +1,99 @@
+"""Bundled weights: export from a checkpoint, manifest bookkeeping, and the checksum gate before loading."""
+
+import json
+
+import pytest
+import torch
+
+from LiverTumorDARNLib import weights
+from LiverTumorDARNLib.errors import InputError
+from LiverTumorDARNLib.models import build_model
+from LiverTumorDARNLib.training import save_checkpoint
+from LiverTumorDARNLib.weights import (
+    INTENDED_USE, bundled_models_dir, export_checkpoint, load_manifest, load_model,
+)
+
+TINY_ARCHITECTURE = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1,
+                     "num_classes": 3, "deep_supervision": True}
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(checkpoint path, eager model) of a tiny DARN with deep-supervision heads, as training writes it."""
+    torch.manual_seed(0)
+    model = build_model(TINY_ARCHITECTURE)
+    stage = {"name": "tumor", "spacing_mm": (1.5, 1.5, 1.5), "num_classes": 3, "patch_size": (16, 16, 16)}
+    path = save_checkpoint({"model": model.state_dict(), "model_config": TINY_ARCHITECTURE, "stage": stage},
+                           tmp_path / "last.pt")
+    return path, model.eval()
+
+
+def test_exported_model_loads_and_gives_the_eager_models_outputs(trained, tmp_path):
+    checkpoint, model = trained
+    export_checkpoint(checkpoint, tmp_path / "models", "tumor", {"iterations": 2}, {"dice": 0.5})
+    scripted, entry = load_model(tmp_path / "models", "tumor")
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), atol=1e-5)
+    assert not scripted.training
+    assert entry["model"]["deep_supervision"] is False and entry["metrics"] == {"dice": 0.5}
+
+
+def test_a_changed_byte_is_refused_before_torchscript_loads_the_file(trained, tmp_path, monkeypatch):
+    checkpoint, _ = trained
+    path = export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("torch.jit.load was reached with a corrupt file")
+
+    monkeypatch.setattr(torch.jit, "load", must_not_load)
+    with pytest.raises(InputError, match="checksum mismatch: expected [0-9a-f]{64}, got [0-9a-f]{64}"):
+        load_model(tmp_path / "models", "tumor")
+
+
+def test_updating_one_model_keeps_the_other_manifest_entries(trained, tmp_path):
+    checkpoint, _ = trained
+    models = tmp_path / "models"
+    export_checkpoint(checkpoint, models, "liver", {"run": 1}, {})
+    export_checkpoint(checkpoint, models, "tumor", {"run": 1}, {})
+    export_checkpoint(checkpoint, models, "liver", {"run": 2}, {})
+    manifest = load_manifest(models)
+    assert manifest["intended_use"] == INTENDED_USE
+    assert manifest["models"]["tumor"]["training"] == {"run": 1}
+    assert manifest["models"]["liver"]["training"] == {"run": 2}
+    assert manifest["models"]["liver"]["bytes"] == (models / "darn-liver.pt").stat().st_size
+
+
+def test_an_export_over_the_size_limit_is_refused_and_leaves_nothing(trained, tmp_path, monkeypatch):
+    checkpoint, _ = trained
+    monkeypatch.setattr(weights, "MAX_MODEL_BYTES", 1000)
+    with pytest.raises(InputError, match="over the"):
+        export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no weights manifest"),
+    ("{not json", "unreadable"),
+    (json.dumps({"format": 2, "models": {}}), "format-1"),
+])
+def test_a_missing_or_invalid_manifest_is_an_input_error(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_manifest(tmp_path)
+
+
+def test_an_unknown_model_name_lists_the_available_ones(trained, tmp_path):
+    checkpoint, _ = trained
+    export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+    with pytest.raises(InputError, match="lists tumor"):
+        load_model(tmp_path / "models", "liver")
+
+
+def test_bundled_models_live_in_the_extensions_resources():
+    assert bundled_models_dir().parts[-3:] == ("LiverTumorDARN", "Resources", "Models")
+    assert bundled_models_dir().is_dir()
