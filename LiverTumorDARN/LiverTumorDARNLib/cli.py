@@ -47,6 +47,96 @@ def _picture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from .pipeline import resolve_device, segment_files
+    from .report import format_report
+
+    def show(source: Path, target: Path, report) -> None:
+        print(f"{source} -> {target}")
+        print(format_report(report))
+
+    segment_files(args.inputs, args.output, resolve_device(args.device), args.models,
+                  overwrite=args.overwrite, on_case=show, progress=_stage_progress())
+    return 0
+
+
+def _stage_progress():
+    """A progress bar per named stage on stderr (the report goes to stdout)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, fraction: float) -> None:
+        if stage == "done":
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
+            return
+        bar = bars.setdefault(stage, tqdm(total=100, desc=f"{stage:>5} stage", unit="%", leave=False))
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    return update
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .pipeline import resolve_device
+    from .report import format_report
+
+    report, scores = run_demo(args.out, resolve_device(args.device), args.models, overwrite=args.overwrite)
+    print(format_report(report))
+    print(f"Against the known truth: liver Dice {scores['liver_dice']:.3f}, tumor Dice "
+          f"{scores['tumor_dice']:.3f}; {scores['detected_true_tumors']} of {scores['truth_tumors']} "
+          f"true tumors detected, {scores['found_tumors']} found in all")
+    print(f"Wrote the CT, the truth, the segmentation and {scores['picture']} "
+          f"(left: truth, right: segmentation) to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import run
+
+    return run(args)
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options left out keep training.TrainConfig's defaults (declared here so that the command
+    starts without importing torch)."""
+    parser.add_argument("--stage", choices=("liver", "tumor"), help="liver (whole CT at 4 mm, default) "
+                        "or tumor (liver crop at 1.5 mm)")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="LiTS-layout folder (volume-K / segmentation-K); default: phantoms drawn on the fly")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint folder (last.pt, best.pt)")
+    parser.add_argument("--iterations", type=int, help="default 2000")
+    parser.add_argument("--batch-size", type=int, help="default 2")
+    parser.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-3)")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--val-cases", type=int, help="held-out cases for validation (default 2)")
+    parser.add_argument("--val-every", type=int, help="iterations between validations and checkpoints (default 200)")
+    parser.add_argument("--pool-size", type=int, help="cases held in memory (default 8)")
+    parser.add_argument("--refresh-every", type=int, help="iterations between replacing one pool case (default 10)")
+    parser.add_argument("--randomize-fraction", type=float, help="share of domain-randomised phantoms (default 0.5)")
+    parser.add_argument("--phantom-seed-start", type=int, help="first training phantom seed (below 800000)")
+    parser.add_argument("--small-phantoms", action="store_true", help="96x96 phantoms at ~4 mm")
+    parser.add_argument("--widths", type=_positive_ints, help="encoder widths, one per level (default 8,16,32,64,128)")
+    parser.add_argument("--order", choices=("spa_sem", "sem_spa"), help="refinement order (default spa_sem)")
+    parser.add_argument("--patch-size", type=_positive_ints, help="z,y,x patch size (default: the stage's)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: PyTorch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description="Liver and liver-tumor segmentation of contrast-enhanced CT.")
@@ -86,6 +176,39 @@ def build_parser() -> argparse.ArgumentParser:
     picture.add_argument("--slice", type=int, default=None, help="axial slice index (canonical, feet to head)")
     picture.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     picture.set_defaults(run=_picture)
+
+    from .weights import bundled_models_dir  # no torch import: cheap
+
+    segment = commands.add_parser(
+        "segment", help="segment the liver and liver tumors of CT scans",
+        description="Segment CT files or DICOM series folders with the bundled DARN weights. One "
+                    "input to one output file (a label map on the input's grid: 0 background, "
+                    "1 liver, 2 tumor), or several inputs / a folder of volumes to an output folder. "
+                    "Prints the per-tumor report.")
+    segment.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
+    segment.add_argument("-o", "--output", type=Path, required=True, help="output file or folder")
+    segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    segment.add_argument("--models", type=Path, default=bundled_models_dir(),
+                         help="weights folder with manifest.json (default: the bundled weights)")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    segment.set_defaults(run=_segment)
+
+    demo = commands.add_parser(
+        "demo", help="segment the sample phantom and compare with its known truth",
+        description="Draw the sample phantom, segment it, print the report and its Dice against the "
+                    "truth, and write the CT, truth, segmentation and a PNG to a folder.")
+    demo.add_argument("--out", type=Path, default=Path("livertumordarn-demo"), help="output folder")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument("--models", type=Path, default=bundled_models_dir(), help="weights folder")
+    demo.add_argument("--overwrite", action="store_true", help="replace earlier demo output")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser(
+        "train", help="train a DARN stage on a LiTS-layout folder or on phantoms",
+        description="Train one stage of the cascade on volume-K / segmentation-K pairs (the LiTS "
+                    "layout) or on phantoms drawn on the fly. Runs under torchrun for several GPUs.")
+    _add_train_arguments(train)
+    train.set_defaults(run=_train)
     return parser
 
 
