@@ -30,10 +30,10 @@ def run_demo(out_dir: Path, device: torch.device, models_dir: Path, overwrite: b
     targets = [Path(out_dir) / name for name in OUTPUT_NAMES]
     if not overwrite and any(path.exists() for path in targets):
         raise InputError(f"{out_dir} already holds demo output; pass --overwrite to replace it")
+    liver, tumor = load_stages(models_dir, device)  # first: no weights, no point drawing a case
     say(f"Drawing the sample phantom (seed {DEMO_SEED}) ...")
     case = generate_case(DEMO_SEED)
     say(f"Segmenting a {'x'.join(map(str, case.image.GetSize()))} CT on {device} ...")
-    liver, tumor = load_stages(models_dir, device)
     result = segment(case.image, liver, tumor, device)
     for image, path in zip((case.image, case.labels, result.labels), targets):
         write_image(image, path, overwrite=overwrite)
