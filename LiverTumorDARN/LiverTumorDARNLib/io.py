@@ -77,6 +77,12 @@ def _suffix(path: PathLike) -> str:
     return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
+def image_stem(path: PathLike) -> str:
+    """The file name without its image suffix (``segmentation-3.nii.gz`` -> ``segmentation-3``)."""
+    name = Path(path).name
+    return name[: len(name) - len(_suffix(path))]
+
+
 def is_image_path(path: PathLike) -> bool:
     """True when ``path`` ends in one of :data:`IMAGE_SUFFIXES` (the file need not exist)."""
     return _suffix(path) != ""

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, is_image_path, read_image
+from .io import IMAGE_SUFFIXES, image_stem, is_image_path, read_image
 
 LIVER = 1
 TUMOR = 2
@@ -267,9 +267,7 @@ def _numbered_images(folder: Path) -> dict[int, Path]:
 
 def _case_id(path: Path) -> str:
     """File name without its image suffix (``segmentation-3.nii.gz`` -> ``segmentation-3``)."""
-    name = path.name
-    suffix = next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s)), "")
-    return name[: len(name) - len(suffix)] if suffix else path.stem
+    return image_stem(path)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import IMAGE_SUFFIXES, array_to_reference, is_image_path, read_ct, to_canonical, write_image
+from .io import array_to_reference, image_stem, is_image_path, read_ct, to_canonical, write_image
 from .report import CaseReport, measure
 
 BACKGROUND, LIVER, TUMOR = 0, 1, 2
@@ -327,15 +327,7 @@ def output_paths(inputs: list[Path], output: Path) -> list[Path]:
         return [output]
     if is_image_path(output):
         raise InputError(f"{output}: several inputs need an output folder, not a file name")
-    return [output / f"{case_name(path)}_segmentation.nii.gz" for path in inputs]
-
-
-def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return [output / f"{image_stem(path)}_segmentation.nii.gz" for path in inputs]
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
