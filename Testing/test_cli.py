@@ -90,3 +90,11 @@ def test_picture_draws_a_png_of_the_case(dataset, tmp_path):
                  "-o", str(tmp_path / "case.png")]) == 0
     png = sitk.ReadImage(str(tmp_path / "case.png"))
     assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[0] >= 96
+
+
+def test_export_of_a_file_that_is_not_a_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    assert main(["export", str(not_a_checkpoint), "--out", str(tmp_path / "models")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "models").exists()

@@ -27,7 +27,7 @@ def models_dir(tmp_path_factory):
         stage = {"name": name, "spacing_mm": (spacing,) * 3, "num_classes": classes, "patch_size": (32, 32, 32)}
         checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
                                       "stage": stage}, folder / f"{name}.pt")
-        export_checkpoint(checkpoint, folder, name, {"note": "random weights for tests"}, {})
+        export_checkpoint(checkpoint, folder, note="random weights for tests")
     return folder
 
 

@@ -23,25 +23,42 @@ def trained(tmp_path):
     torch.manual_seed(0)
     model = build_model(TINY_ARCHITECTURE)
     stage = {"name": "tumor", "spacing_mm": (1.5, 1.5, 1.5), "num_classes": 3, "patch_size": (16, 16, 16)}
-    path = save_checkpoint({"model": model.state_dict(), "model_config": TINY_ARCHITECTURE, "stage": stage},
+    path = save_checkpoint({"model": model.state_dict(), "model_config": TINY_ARCHITECTURE, "stage": stage,
+                            "iteration": 2, "val_scores": {"liver": 0.9, "tumor": 0.5, "mean": 0.7}},
                            tmp_path / "last.pt")
     return path, model.eval()
 
 
 def test_exported_model_loads_and_gives_the_eager_models_outputs(trained, tmp_path):
     checkpoint, model = trained
-    export_checkpoint(checkpoint, tmp_path / "models", "tumor", {"iterations": 2}, {"dice": 0.5})
+    export_checkpoint(checkpoint, tmp_path / "models")
     scripted, entry = load_model(tmp_path / "models", "tumor")
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
     assert not scripted.training
-    assert entry["model"]["deep_supervision"] is False and entry["metrics"] == {"dice": 0.5}
+    assert entry["model"]["deep_supervision"] is False
+
+
+def test_the_manifest_records_what_the_checkpoint_says_about_its_training(trained, tmp_path):
+    checkpoint, _ = trained
+    export_checkpoint(checkpoint, tmp_path / "models", note="2-core CPU, 40 min")
+    entry = load_manifest(tmp_path / "models")["models"]["tumor"]
+    assert entry["training"]["iterations"] == 2 and entry["training"]["note"] == "2-core CPU, 40 min"
+    assert entry["metrics"] == {"validation_dice": {"liver": 0.9, "tumor": 0.5, "mean": 0.7}}
+
+
+def test_an_existing_weights_file_is_replaced_only_when_asked(trained, tmp_path):
+    checkpoint, _ = trained
+    path = export_checkpoint(checkpoint, tmp_path / "models")
+    with pytest.raises(InputError, match="--overwrite"):
+        export_checkpoint(checkpoint, tmp_path / "models")
+    assert export_checkpoint(checkpoint, tmp_path / "models", overwrite=True) == path
 
 
 def test_a_changed_byte_is_refused_before_torchscript_loads_the_file(trained, tmp_path, monkeypatch):
     checkpoint, _ = trained
-    path = export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+    path = export_checkpoint(checkpoint, tmp_path / "models")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -56,14 +73,17 @@ def test_a_changed_byte_is_refused_before_torchscript_loads_the_file(trained, tm
 
 def test_updating_one_model_keeps_the_other_manifest_entries(trained, tmp_path):
     checkpoint, _ = trained
+    liver = save_checkpoint({**torch.load(checkpoint, weights_only=True),
+                             "stage": {"name": "liver", "spacing_mm": (4.0,) * 3, "num_classes": 3,
+                                       "patch_size": (16, 16, 16)}}, tmp_path / "liver.pt")
     models = tmp_path / "models"
-    export_checkpoint(checkpoint, models, "liver", {"run": 1}, {})
-    export_checkpoint(checkpoint, models, "tumor", {"run": 1}, {})
-    export_checkpoint(checkpoint, models, "liver", {"run": 2}, {})
+    export_checkpoint(liver, models, note="first")
+    export_checkpoint(checkpoint, models, note="first")
+    export_checkpoint(liver, models, note="second", overwrite=True)
     manifest = load_manifest(models)
     assert manifest["intended_use"] == INTENDED_USE
-    assert manifest["models"]["tumor"]["training"] == {"run": 1}
-    assert manifest["models"]["liver"]["training"] == {"run": 2}
+    assert manifest["models"]["tumor"]["training"]["note"] == "first"
+    assert manifest["models"]["liver"]["training"]["note"] == "second"
     assert manifest["models"]["liver"]["bytes"] == (models / "darn-liver.pt").stat().st_size
 
 
@@ -71,7 +91,7 @@ def test_an_export_over_the_size_limit_is_refused_and_leaves_nothing(trained, tm
     checkpoint, _ = trained
     monkeypatch.setattr(weights, "MAX_MODEL_BYTES", 1000)
     with pytest.raises(InputError, match="over the"):
-        export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+        export_checkpoint(checkpoint, tmp_path / "models")
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -89,7 +109,7 @@ def test_a_missing_or_invalid_manifest_is_an_input_error(tmp_path, content, mess
 
 def test_an_unknown_model_name_lists_the_available_ones(trained, tmp_path):
     checkpoint, _ = trained
-    export_checkpoint(checkpoint, tmp_path / "models", "tumor", {}, {})
+    export_checkpoint(checkpoint, tmp_path / "models")
     with pytest.raises(InputError, match="lists tumor"):
         load_model(tmp_path / "models", "liver")
 

@@ -100,6 +100,14 @@ def _train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .weights import export_checkpoint
+
+    target = export_checkpoint(args.checkpoint, args.out, note=args.note, overwrite=args.overwrite)
+    print(f"wrote {target} and its entry in {args.out / 'manifest.json'}; use it with --models {args.out}")
+    return 0
+
+
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -209,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "layout) or on phantoms drawn on the fly. Runs under torchrun for several GPUs.")
     _add_train_arguments(train)
     train.set_defaults(run=_train)
+
+    export = commands.add_parser(
+        "export", help="turn a training checkpoint into weights that segment can load",
+        description="Write a checkpoint of `train` (last.pt or best.pt) as TorchScript darn-STAGE.pt "
+                    "into a weights folder and record it in the folder's manifest.json: SHA-256, "
+                    "architecture, training record and validation Dice. Then: segment --models DIR.")
+    export.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="weights folder (created if missing)")
+    export.add_argument("--note", default="", help="added to the training record, e.g. the machine and wall time")
+    export.add_argument("--overwrite", action="store_true", help="replace this stage's weights in DIR")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -74,6 +74,7 @@ from .errors import InputError
 from .io import read_ct, read_image
 from .models import DARN, build_model
 from .phantom import generate_case
+from .weights import read_checkpoint
 from .pipeline import AIR_VALUE, STAGES, StageSpec, normalize_hu, prepare_case, resolve_device
 
 VALIDATION_SEED_START = 800_000
@@ -506,7 +507,7 @@ def model_config(config: TrainConfig, stage: StageSpec) -> dict:
 def _load_resume_checkpoint(path: Path, config: TrainConfig, architecture: dict) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint to resume from; train without --resume first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if checkpoint["config"]["stage"] != config.stage or checkpoint["model_config"] != architecture:
         raise InputError(f"{path}: checkpoint was trained for stage {checkpoint['config']['stage']!r} with model "
                          f"{checkpoint['model_config']}; this run asks for stage {config.stage!r} with {architecture}")

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import secrets
 from pathlib import Path
@@ -99,41 +100,63 @@ def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.
     return module, entry
 
 
-def export_checkpoint(checkpoint: Path, models_dir: Path, name: str, training_info: dict, metrics: dict) -> Path:
-    """Turn a training checkpoint into ``models_dir/darn-{name}.pt`` and its manifest entry.
+def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwrite: bool = False) -> Path:
+    """Turn a training checkpoint into ``models_dir/darn-{stage}.pt`` and its manifest entry.
 
-    The exported model has no deep-supervision heads (inference never uses them). Other entries
-    of the manifest are kept; both files are written atomically. Returns the weights file's path.
+    The training record and the validation scores come from the checkpoint itself, so the
+    manifest says what the run really was; ``note`` adds what the checkpoint cannot know (the
+    machine, the wall time). The exported model has no deep-supervision heads (inference never
+    uses them). Other entries of the manifest are kept; both files are written atomically.
+    Returns the weights file's path.
     """
     from .models import build_model
 
-    if not _MODEL_NAME.match(name):
-        raise InputError(f"model name {name!r}: use lower-case letters, digits, '-' and '_'")
     models_dir = Path(models_dir)
-    payload = _read_checkpoint(Path(checkpoint))
+    payload = read_checkpoint(Path(checkpoint))
+    name = payload["stage"]["name"]
+    if not _MODEL_NAME.match(name):
+        raise InputError(f"{checkpoint}: stage name {name!r} is not a model name (lower-case letters, digits, '-' and '_')")
+    target = models_dir / f"darn-{name}.pt"
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} exists; pass --overwrite to replace it")
     architecture = {**payload["model_config"], "deep_supervision": False}
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
-    target = models_dir / f"darn-{name}.pt"
     _export_within_limit(model, target)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {
         "file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
         "model": {**architecture, "encoder_widths": list(architecture["encoder_widths"])},
-        "stage": payload["stage"], "training": training_info, "metrics": metrics,
+        "stage": payload["stage"], "training": _training_record(payload, note),
+        "metrics": {"validation_dice": payload.get("val_scores")},
     }
     write_json(manifest, models_dir / MANIFEST_NAME, overwrite=True)
     return target
 
 
-def _read_checkpoint(path: Path) -> dict:
+def _training_record(payload: dict, note: str) -> dict:
+    config = payload.get("config") or {}
+    if config.get("data"):
+        data = f"LiTS-layout folder {Path(config['data']).name}"
+    elif config:
+        data = (f"synthetic phantoms drawn on the fly ({'small, ~4 mm' if config.get('phantom_small') else 'full-size 512x512'}; "
+                f"seeds from {config.get('phantom_seed_start')}; {config.get('randomize_fraction')} of them domain-randomised)")
+    else:
+        data = None
+    return {"data": data, "iterations": payload.get("iteration"), "config": config or None, "note": note}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by training (tensors and plain data only: nothing is unpickled as code)."""
     import torch
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise InputError(f"{path}: cannot read the checkpoint ({str(error).splitlines()[0] if str(error) else error})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such checkpoint") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise InputError(f"{path}: not a readable training checkpoint ({type(error).__name__})") from None
     if not isinstance(payload, dict) or not {"model", "model_config", "stage"} <= payload.keys():
         raise InputError(f"{path}: not a LiverTumorDARN training checkpoint (no model, model_config and stage)")
     return payload
