@@ -90,6 +90,13 @@ def test_foreground_oversampling_centres_on_liver_when_the_case_has_no_tumor():
     assert focuses == {None, 1}
 
 
+def test_half_of_the_patches_centre_on_tumor_when_the_case_has_one():
+    case = case_with_tumor()
+    rng = np.random.default_rng(0)
+    focuses = [choose_focus(case, rng) for _ in range(4000)]
+    assert focuses.count(2) / len(focuses) == pytest.approx(0.5, abs=0.03)
+
+
 # ------------------------------------------------------------------------------------ augmentation
 
 
