@@ -82,10 +82,3 @@ def test_segment_of_a_missing_file_is_one_line(models_dir, tmp_path, capsys):
     assert main(["segment", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "l.nii.gz"),
                  "--models", str(models_dir)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
-
-
-def test_demo_writes_ct_truth_segmentation_and_picture_and_prints_dice(models_dir, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--models", str(models_dir), "--device", "cpu"]) == 0
-    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert names == ["ct.nii.gz", "segmentation.nii.gz", "truth-vs-segmentation.png", "truth.nii.gz"]
-    assert "Against the known truth: liver Dice" in capsys.readouterr().out

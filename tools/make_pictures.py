@@ -1,16 +1,22 @@
-"""Draw the README's phantom gallery, the extension icon and the Extensions Index screenshot.
+"""Draw the README's pictures, the extension icon and the Extensions Index screenshot.
 
     .venv/bin/python tools/make_pictures.py
 
-Everything is drawn from phantoms with fixed seeds, so the pictures are reproducible.
+Everything is drawn from phantoms with fixed seeds, so the pictures are reproducible; the demo
+picture is the one `livertumordarn demo` writes with the bundled weights (on the CPU).
 """
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from LiverTumorDARNLib.demo import run_demo
 from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.picture import axial_overlay, montage, resize, save_png
+from LiverTumorDARNLib.weights import bundled_models_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 GALLERY_SEEDS = (1, 2, 3, 4, 5, 6)
@@ -33,6 +39,9 @@ def main() -> None:
     icon = resize(rgb[r0:r0 + square, c0:c0 + square], 128)
     for path in (ROOT / "LiverTumorDARN.png", ROOT / "LiverTumorDARN" / "Resources" / "Icons" / "LiverTumorDARN.png"):
         save_png(icon, path)
+    with tempfile.TemporaryDirectory() as folder:
+        _, scores = run_demo(Path(folder), torch.device("cpu"), bundled_models_dir())
+        shutil.copyfile(scores["picture"], ROOT / "Resources" / "demo.png")
 
 
 if __name__ == "__main__":

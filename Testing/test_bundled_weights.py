@@ -1,0 +1,58 @@
+"""The bundled weights, as a fresh clone runs them: `livertumordarn demo` on CPU.
+
+The demo segments its sample phantom (seed 850000, never trained on: see demo.DEMO_SEED) and
+prints the Dice against the known truth. The floors sit well below what the weights score (the
+README's benchmark table), so these tests catch broken weights, a broken pipeline or a wrong
+orientation, not a change of a few hundredths.
+"""
+
+import contextlib
+import io
+import re
+
+import pytest
+
+from LiverTumorDARNLib.cli import main
+from LiverTumorDARNLib.weights import bundled_models_dir, load_manifest
+
+LIVER_DICE_FLOOR = 0.90
+TUMOR_DICE_FLOOR = 0.25
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(exit status, output folder, printed text) of one demo run with the bundled weights."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["demo", "--out", str(out), "--device", "cpu"])
+    return status, out, printed.getvalue()
+
+
+def printed_dice(text: str, structure: str) -> float:
+    return float(re.search(rf"{structure} Dice ([0-9.]+)", text).group(1))
+
+
+def test_the_bundled_weights_are_listed_with_the_intended_use():
+    manifest = load_manifest(bundled_models_dir())
+    assert set(manifest["models"]) == {"liver", "tumor"}
+    assert "train on real data before any other use" in manifest["intended_use"]
+
+
+def test_the_demo_writes_ct_truth_segmentation_and_picture(demo):
+    status, out, _ = demo
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ct.nii.gz", "segmentation.nii.gz", "truth-vs-segmentation.png", "truth.nii.gz"]
+
+
+def test_the_demo_prints_the_per_tumor_report(demo):
+    assert "Liver volume" in demo[2]
+
+
+def test_the_bundled_weights_find_the_sample_liver(demo):
+    assert printed_dice(demo[2], "liver") >= LIVER_DICE_FLOOR
+
+
+def test_the_bundled_weights_find_the_sample_tumor(demo):
+    assert printed_dice(demo[2], "tumor") >= TUMOR_DICE_FLOOR
