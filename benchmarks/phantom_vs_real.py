@@ -17,10 +17,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from LiverTumorDARNLib.io import read_ct, read_image, to_canonical
-from LiverTumorDARNLib.phantom import generate_case
+from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realct" / "lits-volume-0"
-SEEDS_START = 900_000
 
 
 def statistics(ct: sitk.Image, liver_labels: sitk.Image) -> dict:
@@ -48,7 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     columns = {"real LiTS volume-0": statistics(read_ct(REAL / "ct.nii.gz"), read_image(REAL / "liver.nii.gz"))}
-    for seed in range(SEEDS_START, SEEDS_START + args.seeds):
+    for seed in range(BENCHMARK_SEED_START, BENCHMARK_SEED_START + args.seeds):
         case = generate_case(seed)
         columns[f"phantom {seed} ({case.phase})"] = statistics(case.image, case.labels)
     names = list(columns)

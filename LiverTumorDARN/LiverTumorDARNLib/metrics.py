@@ -32,9 +32,8 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import IMAGE_SUFFIXES, image_stem, is_image_path, read_image
+from .labels import LIVER, TUMOR
 
-LIVER = 1
-TUMOR = 2
 GEOMETRY_TOLERANCE = 1e-3
 DETECTION_IOU = 0.5  # Bilic et al. count a lesion as detected above IoU 0.5.
 

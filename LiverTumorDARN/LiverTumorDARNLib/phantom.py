@@ -42,8 +42,12 @@ import cc3d
 
 from .errors import InputError
 from .io import write_image, write_json
+from .labels import LIVER, TUMOR
 
-BACKGROUND, LIVER, TUMOR = 0, 1, 2
+# Seed ranges: training draws below VALIDATION_SEED_START (training refuses more), validation
+# from it, the demo's sample case is 850000 (demo.DEMO_SEED), the benchmarks from BENCHMARK_SEED_START.
+VALIDATION_SEED_START = 800_000
+BENCHMARK_SEED_START = 900_000
 
 ORIENTATIONS = ("LPS", "RAS", "LAI", "RAI", "LPI", "RPS")
 """Axis codes the scans are stored in (DICOM convention); LAI is the LiTS layout."""

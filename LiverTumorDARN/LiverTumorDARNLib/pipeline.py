@@ -37,9 +37,8 @@ import torch
 
 from .errors import InputError
 from .io import array_to_reference, image_stem, is_image_path, read_ct, to_canonical, write_image
+from .labels import BACKGROUND, LIVER, TUMOR
 from .report import CaseReport, measure
-
-BACKGROUND, LIVER, TUMOR = 0, 1, 2
 
 HU_WINDOW = (-150.0, 250.0)
 """Soft-tissue window: liver (60-180 HU in contrast phases) and its tumors (0-250 HU) inside it."""

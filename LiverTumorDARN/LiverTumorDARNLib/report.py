@@ -18,8 +18,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .io import to_canonical
-
-LIVER, TUMOR = 1, 2
+from .labels import LIVER, TUMOR
 
 
 @dataclasses.dataclass

@@ -75,15 +75,9 @@ from torch import nn
 from .errors import InputError
 from .io import read_ct, read_image
 from .models import DARN, build_model
-from .phantom import generate_case
+from .phantom import BENCHMARK_SEED_START, VALIDATION_SEED_START, generate_case
 from .weights import read_checkpoint
 from .pipeline import AIR_VALUE, STAGES, StageSpec, normalize_hu, prepare_case, resolve_device
-
-VALIDATION_SEED_START = 800_000
-"""Validation phantoms use seeds from here; training seeds must stay below."""
-
-BENCHMARK_SEED_START = 900_000
-"""Seeds of the benchmark phantoms: never trained or validated on."""
 
 NORMALISED_AIR = float(normalize_hu(np.array(AIR_VALUE)))
 """The network-input value of air, used wherever a patch or a volume is padded."""
