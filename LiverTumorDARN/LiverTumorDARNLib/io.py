@@ -61,6 +61,9 @@ percentile is above -500 the values are not Hounsfield units (MR, PET, a normali
 MAX_MEDIAN_HU = 2000.0
 """Most of a CT volume is air and soft tissue; a median above this is no CT in HU."""
 
+SPACING_LIMITS_MM = (0.05, 20.0)
+"""From micro-CT-like reconstructions to the thickest clinical slices; anything else is a header error."""
+
 HU_LIMITS = (-32768.0, 32767.0)
 """Hounsfield values are stored as 16-bit signed integers by every scanner."""
 
@@ -106,13 +109,12 @@ def _itk_message(error: RuntimeError) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: PathLike) -> sitk.Image:
+def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read a 3D scalar volume from an image file or a DICOM series folder.
 
-    A folder is read as a DICOM series. When it holds several series, the one with the most slices
-    is taken (ties: the smallest series UID), because that is the diagnostic volume far more often
-    than scouts or reformats; choosing a series explicitly is a later feature. A folder without
-    DICOM but with exactly one image file reads that file.
+    A folder is read as a DICOM series: the one named by ``series_uid``, else its axial CT series
+    (:func:`.dicom.choose_series`). A folder without DICOM but with exactly one image file reads
+    that file.
 
     The pixel type is kept as stored (a label map must stay integer); raises :class:`InputError`
     for anything that is not a readable 3D scalar volume.
@@ -120,7 +122,7 @@ def read_image(path: PathLike) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder")
-    image = _read_folder(path) if path.is_dir() else _read_file(path)
+    image = _read_folder(path, series_uid) if path.is_dir() else _read_file(path)
     _check_3d_scalar(image, str(path))
     return image
 
@@ -137,36 +139,18 @@ def _read_file(path: Path) -> sitk.Image:
         raise InputError(f"{path}: cannot read the image (truncated, corrupt or not really {_suffix(path)}): {_itk_message(error)}") from None
 
 
-def _read_folder(folder: Path) -> sitk.Image:
-    """Read the largest DICOM series in ``folder``, or its only image file when it has no DICOM."""
-    reader = sitk.ImageSeriesReader()
-    series = _list_series(reader, folder)
-    if not series:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
-        if len(files) == 1:
-            return _read_file(files[0])
-        found = f"{len(files)} image files" if files else "no image file"
-        raise InputError(f"{folder}: folder holds no DICOM series and {found}; give a DICOM series folder or one volume file")
-    _, uid = min(series, key=lambda item: (-item[0], item[1]))
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), uid))
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise InputError(f"{folder}: cannot read DICOM series {uid or '(no UID)'}: {_itk_message(error)}") from None
+def _read_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+    """Read the CT series of a DICOM folder (see :mod:`.dicom`), or its only image file."""
+    from . import dicom
 
-
-def _list_series(reader: sitk.ImageSeriesReader, folder: Path) -> list[tuple[int, str]]:
-    """(slice count, series UID) of every DICOM series in ``folder``.
-
-    GDCM prints a multi-line "No Series were found" warning for a folder without DICOM, which is
-    an expected case here (the folder may hold one volume file), so warnings are muted meanwhile.
-    """
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return [(len(reader.GetGDCMSeriesFileNames(str(folder), uid)), uid) for uid in reader.GetGDCMSeriesIDs(str(folder))]
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    series = dicom.list_series(folder)
+    if series or series_uid is not None:
+        return dicom.read_series(folder, dicom.choose_series(folder, series, series_uid))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
+    if len(files) == 1:
+        return _read_file(files[0])
+    found = f"{len(files)} image files" if files else "no image file"
+    raise InputError(f"{folder}: folder holds no DICOM series and {found}; give a DICOM series folder or one volume file")
 
 
 def _check_3d_scalar(image: sitk.Image, label: str) -> None:
@@ -233,6 +217,7 @@ def check_ct(image: sitk.Image, path_label: str = "") -> None:
     label = path_label or "image"
     _check_3d_scalar(image, label)
     _check_size(image, label)
+    _check_spacing(image, label)
     voxels = sitk.GetArrayViewFromImage(image)
     _check_finite(voxels, label)
     low, high = float(voxels.min()), float(voxels.max())
@@ -250,6 +235,15 @@ def _check_size(image: sitk.Image, label: str) -> None:
     shortest, middle, _ = sorted(image.GetSize())
     if shortest < MIN_SLICES or middle < MIN_IN_PLANE:
         raise InputError(f"{label}: volume of size {image.GetSize()} is too small to segment; need at least {MIN_SLICES} slices and {MIN_IN_PLANE}x{MIN_IN_PLANE} voxels in-plane")
+
+
+def _check_spacing(image: sitk.Image, label: str) -> None:
+    """Reject voxel sizes no CT has: usually a header written in metres or with a unit lost."""
+    low, high = SPACING_LIMITS_MM
+    if not all(low <= s <= high for s in image.GetSpacing()):
+        spacing = " x ".join(f"{s:g}" for s in image.GetSpacing())
+        raise InputError(f"{label}: voxel spacing {spacing} mm is outside {low:g}..{high:g} mm, which no CT has; "
+                         f"check the header's units (metres instead of millimetres?)")
 
 
 def _check_finite(voxels: np.ndarray, label: str) -> None:
@@ -275,9 +269,9 @@ def _sample(voxels: np.ndarray) -> np.ndarray:
     return flat[::step]
 
 
-def read_ct(path: PathLike) -> sitk.Image:
+def read_ct(path: PathLike, series_uid: str | None = None) -> sitk.Image:
     """Read a CT volume and check it is plausible CT in HU; the pixel type is kept (casting is the caller's job)."""
-    image = read_image(path)
+    image = read_image(path, series_uid)
     check_ct(image, str(path))
     return image
 
@@ -362,7 +356,7 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
         except RuntimeError as error:
             raise InputError(f"{path}: cannot write the image: {_itk_message(error)}") from None
 
-    return _atomic_write(path, suffix, overwrite, write)
+    return atomic_write(path, suffix, overwrite, write)
 
 
 def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
@@ -370,20 +364,27 @@ def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
 
     NaN/Infinity are refused (ValueError): they are not JSON and other tools reject them.
     """
+    return write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", path, overwrite)
+
+
+def write_text(text: str, path: PathLike, overwrite: bool = False) -> Path:
+    """Write UTF-8 text atomically like :func:`write_image`, flushed to disk before the rename."""
     path = Path(path)
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
 
     def write(temp: Path) -> None:
-        with open(temp, "w", encoding="utf-8") as f:
+        with open(temp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
-    return _atomic_write(path, path.suffix, overwrite, write)
+    return atomic_write(path, path.suffix, overwrite, write)
 
 
-def _atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temp file next to ``path``, then rename it onto ``path``; clean up on failure."""
+def atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a temp file next to ``path``, then rename it onto ``path``; clean up on failure.
+
+    The temp file keeps ``suffix``, for writers that choose the format by the file name.
+    """
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name for the output")
     if path.exists() and not overwrite:
