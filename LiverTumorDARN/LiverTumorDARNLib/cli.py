@@ -48,15 +48,29 @@ def _picture(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .pipeline import resolve_device, segment_files
+    from .batch import FAILED, SUMMARY_NAME, Job, is_single_case, segment_batch, segment_one
+    from .pipeline import resolve_device
     from .report import format_report
 
-    def show(source: Path, target: Path, report) -> None:
-        print(f"{source} -> {target}")
-        print(format_report(report))
+    job = Job(args.models, resolve_device(args.device), args.format, args.series_uid, args.overwrite,
+              _stage_progress())
+    if is_single_case(args.inputs, args.output):
+        result, report = segment_one(args.inputs[0], args.output, job, args.report)
+        print(format_report(report) if result.liver_found else f"{args.inputs[0]}: no liver found; the label map is empty")
+        print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
+        return 0
+    if args.report is not None:
+        raise InputError("--report names one case's report; a batch writes CASE_report.json and summary.csv into the output folder")
 
-    segment_files(args.inputs, args.output, resolve_device(args.device), args.models,
-                  overwrite=args.overwrite, on_case=show, progress=_stage_progress())
+    def show(record) -> None:
+        print(f"[{record.status}] {record.case}: {record.message or record.output}")
+
+    records = segment_batch(args.inputs, args.output, job, on_case=show)
+    failed = [record for record in records if record.status == FAILED]
+    print(f"{len(records) - len(failed)} of {len(records)} cases segmented; summary in {args.output / SUMMARY_NAME}")
+    if failed:
+        print(f"{PROGRAM}: error: {len(failed)} case(s) failed, first {failed[0].case}: {failed[0].message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -187,14 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .weights import bundled_models_dir  # no torch import: cheap
 
+    from .outputs import FORMATS
+
     segment = commands.add_parser(
         "segment", help="segment the liver and liver tumors of CT scans",
         description="Segment CT files or DICOM series folders with the bundled DARN weights. One "
-                    "input to one output file (a label map on the input's grid: 0 background, "
-                    "1 liver, 2 tumor), or several inputs / a folder of volumes to an output folder. "
-                    "Prints the per-tumor report.")
+                    "input to one output file on the input's grid (the format by its name: .nii.gz, "
+                    ".nrrd, .mha label map with 0 background, 1 liver, 2 tumor; .seg.nrrd for 3D "
+                    "Slicer; .dcm DICOM SEG from a DICOM input), printing the per-tumor report. "
+                    "Several inputs or a folder of volumes go to an output folder as a batch: one "
+                    "bad case does not stop the others, a re-run skips finished cases, and "
+                    "summary.csv lists every case. Under torchrun the ranks share the cases.")
     segment.add_argument("inputs", type=Path, nargs="+", metavar="INPUT")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output file or folder")
+    segment.add_argument("--format", choices=tuple(FORMATS), help="output format (default: by the output "
+                         "file name; nifti for a batch)")
+    segment.add_argument("--series-uid", help="the DICOM series to read when a folder holds several "
+                         "(default: the axial CT series with the most slices)")
+    segment.add_argument("--report", type=Path, metavar="FILE", help="also write the per-tumor report "
+                         "(.csv one row per tumor, .json everything)")
     segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     segment.add_argument("--models", type=Path, default=bundled_models_dir(),
                          help="weights folder with manifest.json (default: the bundled weights)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +37,8 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import array_to_reference, image_stem, is_image_path, read_ct, to_canonical, write_image
+from .io import array_to_reference, to_canonical
 from .labels import BACKGROUND, LIVER, TUMOR
-from .report import CaseReport, measure
 
 HU_WINDOW = (-150.0, 250.0)
 """Soft-tissue window: liver (60-180 HU in contrast phases) and its tumors (0-250 HU) inside it."""
@@ -218,10 +218,13 @@ class Stage:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto / cpu / cuda to a device; under torchrun each process takes its own GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -283,6 +286,36 @@ def postprocess(labels: np.ndarray, spacing_xyz) -> np.ndarray:
     return labels
 
 
+PEAK_BASE_BYTES = 500e6
+PEAK_BYTES_PER_VOXEL = 32.0
+"""Peak memory of :func:`segment`, including PyTorch and the networks: calibrated on the measured
+2.2 GB peak for a 512x512x200 CT on CPU (benchmarks/segmentation.py); the tumor stage's share
+grows with the liver, not the scan, so this overestimates for long scans."""
+
+
+def estimated_peak_bytes(size_xyz) -> float:
+    return PEAK_BASE_BYTES + PEAK_BYTES_PER_VOXEL * math.prod(size_xyz)
+
+
+def available_memory_bytes() -> float | None:
+    """Memory the system can give without swapping (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(size_xyz) -> None:
+    """Refuse, before any work, a volume the pipeline would run out of memory on."""
+    needed, available = estimated_peak_bytes(size_xyz), available_memory_bytes()
+    if available is not None and needed > available:
+        raise InputError(f"a volume of {'x'.join(map(str, size_xyz))} voxels needs about {needed / 1e9:.1f} GB of "
+                         f"memory and {available / 1e9:.1f} GB are available; crop the scan to the abdomen "
+                         f"or free memory")
+
+
 @dataclasses.dataclass
 class Segmentation:
     labels: sitk.Image  # on the input's grid: 0 background, 1 liver, 2 tumor
@@ -292,6 +325,7 @@ class Segmentation:
 def segment(image: sitk.Image, liver: Stage, tumor: Stage, device: torch.device,
             progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Segmentation:
     """Segment liver and tumors of a CT in HU; the label map comes back on the input's grid."""
+    check_memory(image.GetSize())
     canonical = to_canonical(image)
     labels = np.zeros(sitk.GetArrayViewFromImage(canonical).shape, np.uint8)
     box = locate_liver(canonical, liver, device, lambda f: progress("liver", f))
@@ -318,41 +352,3 @@ def load_stages(models_dir: Path, device: torch.device) -> tuple[Stage, Stage]:
                             for key, value in entry["stage"].items()})
         stages.append(Stage(module, spec))
     return stages[0], stages[1]
-
-
-def output_paths(inputs: list[Path], output: Path) -> list[Path]:
-    """Where each input's label map goes: ``output`` itself for one input file, else a folder."""
-    if len(inputs) == 1 and is_image_path(output):
-        return [output]
-    if is_image_path(output):
-        raise InputError(f"{output}: several inputs need an output folder, not a file name")
-    return [output / f"{image_stem(path)}_segmentation.nii.gz" for path in inputs]
-
-
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files and DICOM folders as given; a folder of volume files stands for its volumes."""
-    expanded = []
-    for path in inputs:
-        volumes = sorted(p for p in path.iterdir() if p.is_file() and is_image_path(p)
-                         and not p.name.lower().startswith("segmentation")) if path.is_dir() else []
-        expanded.extend(volumes or [path])
-    return expanded
-
-
-def segment_files(inputs: list[Path], output: Path, device: torch.device, models_dir: Path,
-                  overwrite: bool = False,
-                  on_case: Callable[[Path, Path, CaseReport], None] = lambda *_: None,
-                  progress: Callable[[str, float], None] = lambda stage, fraction: None) -> list[Path]:
-    """Segment CT files or DICOM folders; every output is checked before the first case runs."""
-    inputs = expand_inputs(inputs)
-    outputs = output_paths(inputs, output)
-    existing = [str(path) for path in outputs if path.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{existing[0]} exists; pass --overwrite to replace it")
-    liver, tumor = load_stages(models_dir, device)
-    for source, target in zip(inputs, outputs):
-        ct = read_ct(source)
-        result = segment(ct, liver, tumor, device, progress)
-        write_image(result.labels, target, overwrite=overwrite)
-        on_case(source, target, measure(ct, result.labels))
-    return outputs

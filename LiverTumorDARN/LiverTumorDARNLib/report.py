@@ -9,7 +9,10 @@ Tumors are the 26-connected components of label 2, numbered from the largest dow
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io as text_io
+from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -17,8 +20,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .io import to_canonical
-from .labels import LIVER, TUMOR
+from .errors import InputError
+from .io import to_canonical, write_json, write_text
+from .labels import TUMOR
 
 
 @dataclasses.dataclass
@@ -104,3 +108,25 @@ def format_report(report: CaseReport) -> str:
             lines.append(f"{tumor.id:>5}  {tumor.volume_ml:>10.2f}  {tumor.longest_axial_diameter_mm:>16.1f}  "
                          f"{tumor.mean_hu:>8.1f}  ({x:.1f}, {y:.1f}, {z:.1f})")
     return "\n".join(lines)
+
+
+REPORT_SUFFIXES = (".csv", ".json")
+
+TUMOR_COLUMNS = ("tumor_id", "volume_ml", "longest_axial_diameter_mm", "mean_hu",
+                 "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k")
+
+
+def write_report(report: CaseReport, path: Path, overwrite: bool = False) -> Path:
+    """Write the report atomically: JSON holds everything, CSV one row per tumor (for spreadsheets)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return write_json(report.as_dict(), path, overwrite)
+    if path.suffix.lower() != ".csv":
+        raise InputError(f"{path}: a report is written as {' or '.join(REPORT_SUFFIXES)}")
+    text = text_io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TUMOR_COLUMNS)
+    for tumor in report.tumors:
+        writer.writerow([tumor.id, tumor.volume_ml, tumor.longest_axial_diameter_mm, tumor.mean_hu,
+                         *tumor.centroid_mm, *tumor.centroid_ijk])
+    return write_text(text.getvalue(), path, overwrite)

@@ -62,7 +62,6 @@ import multiprocessing
 import os
 import re
 import secrets
-import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 

@@ -1,0 +1,211 @@
+"""From input files to output files: one case, or thousands that survive bad cases and restarts.
+
+One input and an output file name: segment it, write the segmentation (and a report if asked);
+an existing output is refused unless overwriting is allowed.
+
+Inputs and an output folder (a batch): every case runs in isolation, so a corrupt file is
+recorded as failed and the others go on. Each case leaves a record, ``CASE_report.json``, written
+as "running" before the work and rewritten with the outcome after it. The records are what make
+a batch safe to re-run:
+
+* a case whose record says done is skipped (resume after Ctrl-C, a crash or a reboot);
+* a case whose record says running or failed is redone, and its old output replaced: it is ours;
+* an output with no record is someone else's file and is never replaced without ``overwrite``.
+
+``summary.csv`` is rebuilt from all records after every case, so it is complete whenever the run
+stops. Under ``torchrun`` (RANK / WORLD_SIZE set) each rank takes every WORLD_SIZE-th case; the
+shared folder of records merges their work without any communication between the ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as text_io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+from .io import image_stem, is_image_path, read_ct, write_json, write_text
+from .outputs import FORMATS, output_format, write_segmentation
+from .pipeline import Segmentation, load_stages, segment
+from .report import CaseReport, measure, write_report
+
+SUMMARY_NAME = "summary.csv"
+RECORD_SUFFIX = "_report.json"
+DONE, NO_LIVER, FAILED, RUNNING = "done", "no liver found", "failed", "running"
+FINISHED = (DONE, NO_LIVER)
+SUMMARY_COLUMNS = ("case", "status", "seconds", "liver_ml", "tumors", "tumor_ml", "tumor_burden_percent",
+                   "input", "output", "message")
+
+
+@dataclasses.dataclass
+class CaseRecord:
+    """What happened to one case: the row of the summary and the body of CASE_report.json."""
+
+    case: str
+    input: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    message: str = ""
+    report: dict | None = None
+
+    def summary_row(self) -> list:
+        report = self.report or {}
+        return [self.case, self.status, round(self.seconds, 1), report.get("liver_volume_ml", ""),
+                len(report["tumors"]) if "tumors" in report else "", report.get("tumor_volume_ml", ""),
+                report.get("tumor_burden_percent", ""), self.input, self.output, self.message]
+
+
+@dataclasses.dataclass
+class Job:
+    """The fixed inputs of a run: weights, device, output format and options."""
+
+    models_dir: Path
+    device: torch.device
+    fmt: str | None = None  # None: by the output name (single case) or NIfTI (batch)
+    series_uid: str | None = None
+    overwrite: bool = False
+    progress: Callable[[str, float], None] = lambda stage, fraction: None
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files and DICOM folders as given; a folder of volume files stands for its volumes."""
+    expanded = []
+    for path in inputs:
+        volumes = sorted(p for p in path.iterdir() if p.is_file() and is_image_path(p)
+                         and not p.name.lower().startswith("segmentation")) if path.is_dir() else []
+        expanded.extend(volumes or [path])
+    return expanded
+
+
+def is_single_case(inputs: list[Path], output: Path) -> bool:
+    """One input and an output that names a file (by its suffix) rather than a folder."""
+    names_file = any(output.name.lower().endswith(s) for s in (*FORMATS.values(), ".nii"))
+    if names_file and len(expand_inputs(inputs)) > 1:
+        raise InputError(f"{output}: several inputs need an output folder, not a file name")
+    return names_file
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def segment_one(source: Path, target: Path, job: Job, report_path: Path | None = None) -> tuple[Segmentation, CaseReport]:
+    """Segment one CT into ``target``; outputs are checked before the (long) work starts."""
+    fmt = output_format(target, job.fmt)
+    for path in (target, report_path):
+        if path is not None and path.exists() and not job.overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace it")
+    ct = read_ct(source, job.series_uid)
+    liver, tumor = load_stages(job.models_dir, job.device)
+    result = segment(ct, liver, tumor, job.device, job.progress)
+    write_segmentation(result.labels, target, fmt, source, job.series_uid, job.overwrite)
+    report = measure(ct, result.labels)
+    if report_path is not None:
+        write_report(report, report_path, job.overwrite)
+    return result, report
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
+                  on_case: Callable[[CaseRecord], None] = lambda record: None) -> list[CaseRecord]:
+    """Segment every input into ``out_dir``; returns this run's records (this rank's cases)."""
+    if job.series_uid is not None:
+        raise InputError("--series-uid picks a series of one DICOM folder; give one input and an output file")
+    cases = _cases(expand_inputs(inputs), out_dir, job.fmt or "nifti")
+    _check_writable_folder(out_dir)
+    if not job.overwrite:
+        _refuse_foreign_outputs(cases, out_dir)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stages = load_stages(job.models_dir, job.device)
+    records = []
+    try:
+        for name, source, target in cases[rank::world_size]:
+            records.append(_run_case(name, source, target, out_dir, stages, job))
+            write_summary(out_dir)
+            on_case(records[-1])
+    finally:  # also after Ctrl-C: the summary shows the case that was cut off as running
+        write_summary(out_dir)
+    return records
+
+
+def _cases(inputs: list[Path], out_dir: Path, fmt: str) -> list[tuple[str, Path, Path]]:
+    """(case name, input, output) for each input; two inputs may not share a case name."""
+    names = [image_stem(path) or path.name for path in inputs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"several inputs are named {duplicates[0]}; their outputs would overwrite each other in {out_dir}")
+    return [(name, path, out_dir / f"{name}_segmentation{FORMATS[fmt]}") for name, path in zip(names, inputs)]
+
+
+def _refuse_foreign_outputs(cases, out_dir: Path) -> None:
+    """An output without a record of ours was made by someone else: never replace it unasked."""
+    for name, _, target in cases:
+        if target.exists() and read_record(out_dir / f"{name}{RECORD_SUFFIX}") is None:
+            raise InputError(f"{target} exists and no earlier run of this tool wrote it; pass --overwrite to replace it")
+
+
+def _check_writable_folder(out_dir: Path) -> None:
+    """Fail before the first case, not after each one, when the outputs cannot be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file; give a folder for the outputs of several inputs")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"{out_dir}: output folder is not writable")
+
+
+def _run_case(name: str, source: Path, target: Path, out_dir: Path, stages, job: Job) -> CaseRecord:
+    record_path = out_dir / f"{name}{RECORD_SUFFIX}"
+    earlier = read_record(record_path)
+    if earlier is not None and earlier.status in FINISHED and target.exists() and not job.overwrite:
+        return dataclasses.replace(earlier, message="done in an earlier run")
+    record = _save(record_path, CaseRecord(name, str(source), str(target), RUNNING))
+    started = time.perf_counter()
+    try:
+        ct = read_ct(source)
+        result = segment(ct, *stages, job.device, job.progress)
+        write_segmentation(result.labels, target, job.fmt or "nifti", source, overwrite=True)
+        report = measure(ct, result.labels)
+        status, message = (DONE, "") if result.liver_found else (NO_LIVER, "no liver found; the label map is empty")
+        record = dataclasses.replace(record, status=status, message=message, report=report.as_dict())
+    except InputError as error:
+        record = dataclasses.replace(record, status=FAILED, message=str(error))
+    except Exception as error:  # one case's bug or resource failure must not stop the batch
+        record = dataclasses.replace(record, status=FAILED, message=f"{type(error).__name__}: {error}".splitlines()[0])
+    return _save(record_path, dataclasses.replace(record, seconds=time.perf_counter() - started))
+
+
+def _save(path: Path, record: CaseRecord) -> CaseRecord:
+    write_json(dataclasses.asdict(record), path, overwrite=True)
+    return record
+
+
+def read_record(path: Path) -> CaseRecord | None:
+    """The record of an earlier run, or None when there is none (or it is unreadable)."""
+    try:
+        return CaseRecord(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_summary(out_dir: Path) -> Path:
+    """summary.csv of every case recorded in ``out_dir``, whichever run or rank recorded it."""
+    text = text_io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for path in sorted(out_dir.glob(f"*{RECORD_SUFFIX}")):
+        record = read_record(path)
+        if record is not None:
+            writer.writerow(record.summary_row())
+    return write_text(text.getvalue(), out_dir / SUMMARY_NAME, overwrite=True)
