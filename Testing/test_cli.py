@@ -1,7 +1,6 @@
 """The command line: each subcommand's contract, and one-line errors instead of tracebacks."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

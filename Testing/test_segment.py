@@ -45,3 +45,13 @@ def test_segment_of_a_missing_file_is_one_line(models_dir, tmp_path, capsys):
     assert main(["segment", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "l.nii.gz"),
                  "--models", str(models_dir)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_scan_where_no_liver_is_found_gives_an_empty_label_map_and_says_so(models_dir, ct_file, tmp_path, capsys, monkeypatch):
+    from LiverTumorDARNLib import pipeline
+
+    monkeypatch.setattr(pipeline, "locate_liver", lambda *args: None)  # the liver stage finds nothing
+    output = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(ct_file), "-o", str(output), "--models", str(models_dir)]) == 0
+    assert "no liver found; the label map is empty" in capsys.readouterr().out
+    assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(output))).max() == 0

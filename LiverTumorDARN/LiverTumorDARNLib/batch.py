@@ -32,7 +32,7 @@ import torch
 
 from .errors import InputError
 from .io import image_stem, is_image_path, read_ct, write_json, write_text
-from .outputs import FORMATS, output_format, write_segmentation
+from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
 from .pipeline import Segmentation, load_stages, segment
 from .report import CaseReport, measure, write_report
 
@@ -86,11 +86,13 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def is_single_case(inputs: list[Path], output: Path) -> bool:
-    """One input and an output that names a file (by its suffix) rather than a folder."""
+    """An output that names a file rather than a folder: a known suffix, or any suffix after one
+    input (``labels.png`` is a wrong file name, not a folder to fill)."""
+    several = len(expand_inputs(inputs)) > 1
     names_file = any(output.name.lower().endswith(s) for s in (*FORMATS.values(), ".nii"))
-    if names_file and len(expand_inputs(inputs)) > 1:
+    if names_file and several:
         raise InputError(f"{output}: several inputs need an output folder, not a file name")
-    return names_file
+    return names_file or (not several and bool(output.suffix) and not output.is_dir())
 
 
 # --------------------------------------------------------------------------- one case
@@ -99,6 +101,7 @@ def is_single_case(inputs: list[Path], output: Path) -> bool:
 def segment_one(source: Path, target: Path, job: Job, report_path: Path | None = None) -> tuple[Segmentation, CaseReport]:
     """Segment one CT into ``target``; outputs are checked before the (long) work starts."""
     fmt = output_format(target, job.fmt)
+    check_source_fits(fmt, source, target, job.series_uid)
     for path in (target, report_path):
         if path is not None and path.exists() and not job.overwrite:
             raise InputError(f"{path} exists; pass --overwrite to replace it")
@@ -121,6 +124,8 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
     if job.series_uid is not None:
         raise InputError("--series-uid picks a series of one DICOM folder; give one input and an output file")
     cases = _cases(expand_inputs(inputs), out_dir, job.fmt or "nifti")
+    for _, source, target in cases:
+        check_source_fits(job.fmt or "nifti", source, target)
     _check_writable_folder(out_dir)
     if not job.overwrite:
         _refuse_foreign_outputs(cases, out_dir)

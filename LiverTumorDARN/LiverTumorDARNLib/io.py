@@ -252,7 +252,7 @@ def _check_finite(voxels: np.ndarray, label: str) -> None:
         return
     bad = int(np.count_nonzero(~np.isfinite(voxels)))
     if bad:
-        raise InputError(f"{label}: {bad} voxels are NaN or infinite; expected finite Hounsfield values")
+        raise InputError(f"{label}: {bad} voxel(s) are NaN or infinite; expected finite Hounsfield values")
 
 
 def _sample(voxels: np.ndarray) -> np.ndarray:

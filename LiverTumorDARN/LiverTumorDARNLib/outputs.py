@@ -40,7 +40,28 @@ def output_format(path: Path, requested: str | None = None) -> str:
     return max(found, key=lambda fmt: len(FORMATS[fmt]))  # .seg.nrrd before .nrrd
 
 
-def write_segmentation(labels: sitk.Image, path: Path, fmt: str, source: Path | None = None,
+def check_source_fits(fmt: str, source: Path, target: Path, series_uid: str | None = None) -> None:
+    """Fail before the work, not after it, when ``fmt`` cannot be made from ``source``."""
+    if fmt != "dicom-seg":
+        return
+    import pydicom
+
+    from . import dicom
+
+    if not Path(source).is_dir():
+        raise InputError(f"{target}: DICOM SEG output needs a DICOM series folder as input "
+                         f"(it references the source images); write .seg.nrrd or .nii.gz instead")
+    series = dicom.choose_series(source, dicom.list_series(source), series_uid)
+    _require_instance_uids([pydicom.dcmread(series.files[0], stop_before_pixels=True)], source)
+
+
+def _require_instance_uids(datasets: list, source: Path) -> None:
+    if not all(d.get("SOPInstanceUID") and d.get("SOPClassUID") for d in datasets):
+        raise InputError(f"{source}: the series has no SOP Instance UIDs (stripped by anonymisation?), which a "
+                         f"DICOM SEG must reference; write .seg.nrrd or .nii.gz instead")
+
+
+def write_segmentation(labels: sitk.Image, path: Path, fmt: str, source: Path,
                        series_uid: str | None = None, overwrite: bool = False) -> Path:
     """Write a label map on the input's grid as ``fmt``; DICOM SEG needs the ``source`` DICOM folder."""
     if fmt == "seg.nrrd":
@@ -87,7 +108,7 @@ def _slicer_terminology(segment) -> dict:
 # --------------------------------------------------------------------------- DICOM SEG
 
 
-def write_dicom_seg(labels: sitk.Image, path: Path, source: Path | None, series_uid: str | None = None,
+def write_dicom_seg(labels: sitk.Image, path: Path, source: Path, series_uid: str | None = None,
                     overwrite: bool = False) -> Path:
     """Write a DICOM SEG that references the source series' instances slice by slice.
 
@@ -99,14 +120,10 @@ def write_dicom_seg(labels: sitk.Image, path: Path, source: Path | None, series_
 
     from . import dicom
 
-    if source is None or not Path(source).is_dir():
-        raise InputError(f"{path}: DICOM SEG output needs a DICOM series folder as input "
-                         f"(it references the source images); write .seg.nrrd or .nii.gz instead")
+    check_source_fits("dicom-seg", source, path, series_uid)
     series = dicom.choose_series(source, dicom.list_series(source), series_uid)
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom.sorted_checked_files(source, series)]
-    if not all(d.get("SOPInstanceUID") and d.get("SOPClassUID") for d in datasets):
-        raise InputError(f"{source}: the series has no SOP Instance UIDs (stripped by anonymisation?), which a "
-                         f"DICOM SEG must reference; write .seg.nrrd or .nii.gz instead")
+    _require_instance_uids(datasets, source)
     array = sitk.GetArrayFromImage(labels)
     if array.shape != (len(datasets), datasets[0].Rows, datasets[0].Columns):
         raise ValueError(f"labels of shape {array.shape} are not on the grid of series {series.uid}")
