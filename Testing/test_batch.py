@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,14 +96,18 @@ def test_interrupted_run_resumes_without_redoing_finished_cases(inputs, models_d
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_ranks_share_the_cases_and_the_summary_lists_all(inputs, models_dir, tmp_path, monkeypatch):
-    seen = {}
-    for rank in ("0", "1"):
-        monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        run_batch(inputs, tmp_path, models_dir)
-        seen[rank] = {case for case, row in summary(tmp_path).items()} - set().union(*seen.values())
-    assert seen["0"] == {"case-1", "case-3", "case-5"} and seen["1"] == {"case-2", "case-4"}
+def test_torchrun_ranks_share_the_cases_and_the_summary_lists_all(inputs, models_dir, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "LiverTumorDARNLib.cli", "segment", str(inputs), "-o", str(tmp_path),
+               "--models", str(models_dir), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0  # rank 0 had the corrupt case
+    # rank 0 takes cases 1, 3 (corrupt) and 5; rank 1 takes cases 2 and 4
+    assert "2 of 3 cases segmented" in result.stdout and "2 of 2 cases segmented" in result.stdout
+    rows = summary(tmp_path)
+    assert sorted(rows) == ["case-1", "case-2", "case-3", "case-4", "case-5"]
+    assert all(rows[case]["status"] in ("done", "no liver found") for case in GOOD)
 
 
 def test_output_nobody_recorded_is_refused_and_kept(inputs, models_dir, tmp_path, capsys):
