@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from dicom_series import write_series
 from LiverTumorDARNLib import batch
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.io import write_image
@@ -138,3 +139,12 @@ def test_inputs_with_the_same_case_name_are_refused(inputs, models_dir, tmp_path
 def test_series_uid_with_a_batch_is_refused(inputs, models_dir, tmp_path, capsys):
     assert run_batch(inputs, tmp_path / "out", models_dir, "--series-uid", "1.2.3") == 2
     assert "--series-uid" in capsys.readouterr().err
+
+
+def test_folder_of_dicom_case_folders_is_a_batch_of_those_cases(models_dir, tmp_path):
+    hu = np.full((20, 40, 48), -1000.0)
+    hu[:, 8:32, 8:40] = 60.0
+    for case in ("patient-a", "patient-b"):
+        write_series(tmp_path / "cases" / case, hu)
+    assert run_batch(tmp_path / "cases", tmp_path / "out", models_dir) == 0
+    assert sorted(summary(tmp_path / "out")) == ["patient-a", "patient-b"]

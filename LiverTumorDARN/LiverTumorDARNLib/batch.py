@@ -76,12 +76,14 @@ class Job:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files and DICOM folders as given; a folder of volume files stands for its volumes."""
+    """Files and DICOM folders as given; a folder of volume files stands for its volumes, and a
+    folder holding only folders (one DICOM series folder per case) for those folders."""
     expanded = []
     for path in inputs:
-        volumes = sorted(p for p in path.iterdir() if p.is_file() and is_image_path(p)
-                         and not p.name.lower().startswith("segmentation")) if path.is_dir() else []
-        expanded.extend(volumes or [path])
+        entries = sorted(path.iterdir()) if path.is_dir() else []
+        volumes = [p for p in entries if p.is_file() and is_image_path(p) and not p.name.lower().startswith("segmentation")]
+        case_folders = [p for p in entries if p.is_dir()] if entries and all(p.is_dir() for p in entries) else []
+        expanded.extend(volumes or case_folders or [path])
     return expanded
 
 
