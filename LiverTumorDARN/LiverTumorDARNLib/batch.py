@@ -107,14 +107,18 @@ def segment_one(source: Path, target: Path, job: Job, report_path: Path | None =
     for path in (target, report_path):
         if path is not None and path.exists() and not job.overwrite:
             raise InputError(f"{path} exists; pass --overwrite to replace it")
-    ct = read_ct(source, job.series_uid)
-    liver, tumor = load_stages(job.models_dir, job.device)
-    result = segment(ct, liver, tumor, job.device, job.progress)
-    write_segmentation(result.labels, target, fmt, source, job.series_uid, job.overwrite)
-    report = measure(ct, result.labels)
+    result, report = _segment_and_write(source, target, fmt, load_stages(job.models_dir, job.device), job)
     if report_path is not None:
         write_report(report, report_path, job.overwrite)
     return result, report
+
+
+def _segment_and_write(source: Path, target: Path, fmt: str, stages, job: Job) -> tuple[Segmentation, CaseReport]:
+    """The work of one case, shared by single runs and batches: read, segment, write, measure."""
+    ct = read_ct(source, job.series_uid)
+    result = segment(ct, *stages, job.device, job.progress)
+    write_segmentation(result.labels, target, fmt, source, job.series_uid, job.overwrite)
+    return result, measure(ct, result.labels)
 
 
 # --------------------------------------------------------------------------- batches
@@ -180,10 +184,9 @@ def _run_case(name: str, source: Path, target: Path, out_dir: Path, stages, job:
     record = _save(record_path, CaseRecord(name, str(source), str(target), RUNNING))
     started = time.perf_counter()
     try:
-        ct = read_ct(source)
-        result = segment(ct, *stages, job.device, job.progress)
-        write_segmentation(result.labels, target, job.fmt or "nifti", source, overwrite=True)
-        report = measure(ct, result.labels)
+        # the target is ours to replace here: no record, no target, or a record of ours
+        result, report = _segment_and_write(source, target, job.fmt or "nifti", stages,
+                                            dataclasses.replace(job, overwrite=True))
         status, message = (DONE, "") if result.liver_found else (NO_LIVER, "no liver found; the label map is empty")
         record = dataclasses.replace(record, status=status, message=message, report=report.as_dict())
     except InputError as error:

@@ -48,11 +48,15 @@ def check_source_fits(fmt: str, source: Path, target: Path, series_uid: str | No
 
     from . import dicom
 
+    _require_dicom_folder(source, target)
+    series = dicom.choose_series(source, dicom.list_series(source), series_uid)
+    _require_instance_uids([pydicom.dcmread(series.files[0], stop_before_pixels=True)], source)
+
+
+def _require_dicom_folder(source: Path, target: Path) -> None:
     if not Path(source).is_dir():
         raise InputError(f"{target}: DICOM SEG output needs a DICOM series folder as input "
                          f"(it references the source images); write .seg.nrrd or .nii.gz instead")
-    series = dicom.choose_series(source, dicom.list_series(source), series_uid)
-    _require_instance_uids([pydicom.dcmread(series.files[0], stop_before_pixels=True)], source)
 
 
 def _require_instance_uids(datasets: list, source: Path) -> None:
@@ -120,7 +124,7 @@ def write_dicom_seg(labels: sitk.Image, path: Path, source: Path, series_uid: st
 
     from . import dicom
 
-    check_source_fits("dicom-seg", source, path, series_uid)
+    _require_dicom_folder(source, path)  # the instance UIDs are checked below, on every slice
     series = dicom.choose_series(source, dicom.list_series(source), series_uid)
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom.sorted_checked_files(source, series)]
     _require_instance_uids(datasets, source)
