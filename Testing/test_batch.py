@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,18 +98,22 @@ def test_interrupted_run_resumes_without_redoing_finished_cases(inputs, models_d
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_torchrun_ranks_share_the_cases_and_the_summary_lists_all(inputs, models_dir, tmp_path):
+def test_torchrun_ranks_share_the_cases_and_all_finish_though_one_failed(inputs, models_dir, tmp_path):
+    # rank 0 takes cases 1, 3 (corrupt, fails at once) and 5; rank 1 takes 2, 4 and 6 and is still
+    # segmenting when rank 0 is done: torchrun would stop it if rank 0 left with its error first
+    cases = tmp_path / "cases"
+    shutil.copytree(inputs, cases)
+    shutil.copy(cases / "case-2.nii.gz", cases / "case-6.nii.gz")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "LiverTumorDARNLib.cli", "segment", str(inputs), "-o", str(tmp_path),
+               "-m", "LiverTumorDARNLib.cli", "segment", str(cases), "-o", str(tmp_path / "out"),
                "--models", str(models_dir), "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0  # rank 0 had the corrupt case
-    # rank 0 takes cases 1, 3 (corrupt) and 5; rank 1 takes cases 2 and 4
-    assert "2 of 3 cases segmented" in result.stdout and "2 of 2 cases segmented" in result.stdout
-    rows = summary(tmp_path)
-    assert sorted(rows) == ["case-1", "case-2", "case-3", "case-4", "case-5"]
-    assert all(rows[case]["status"] in ("done", "no liver found") for case in GOOD)
+    assert "2 of 3 cases segmented" in result.stdout and "3 of 3 cases segmented" in result.stdout
+    rows = summary(tmp_path / "out")
+    assert sorted(rows) == ["case-1", "case-2", "case-3", "case-4", "case-5", "case-6"]
+    assert all(rows[case]["status"] in ("done", "no liver found") for case in (*GOOD, "case-6"))
 
 
 def test_output_nobody_recorded_is_refused_and_kept(inputs, models_dir, tmp_path, capsys):

@@ -14,13 +14,16 @@ a batch safe to re-run:
 
 ``summary.csv`` is rebuilt from all records after every case, so it is complete whenever the run
 stops. Under ``torchrun`` (RANK / WORLD_SIZE set) each rank takes every WORLD_SIZE-th case; the
-shared folder of records merges their work without any communication between the ranks.
+shared folder of records merges their work. The ranks meet once, at the end: torchrun stops every
+rank as soon as one exits with an error, so a rank whose share held a failed case must not leave
+while the others are still segmenting.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import io as text_io
 import json
 import os
@@ -143,9 +146,24 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
             records.append(_run_case(name, source, target, out_dir, stages, job))
             write_summary(out_dir)
             on_case(records[-1])
+        _wait_for_the_other_ranks(world_size)
     finally:  # also after Ctrl-C: the summary shows the case that was cut off as running
         write_summary(out_dir)
     return records
+
+
+def _wait_for_the_other_ranks(world_size: int) -> None:
+    """A barrier over gloo (CPU, no GPU needed) for ranks started by torchrun."""
+    if world_size == 1 or "MASTER_ADDR" not in os.environ:  # RANK/WORLD_SIZE set by hand: nothing to meet
+        return
+    import torch.distributed as dist
+
+    # the slowest rank may still have hours of cases ahead: the default 30 min timeout is too short
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _cases(inputs: list[Path], out_dir: Path, fmt: str) -> list[tuple[str, Path, Path]]:
