@@ -1,5 +1,5 @@
 """Fixtures shared by the command-line tests: tiny random weights exported as the real ones are,
-and small phantom CT files. Random weights make the labels arbitrary but deterministic: the tests
+(both DARN stages and the refinement network) and small phantom CT files. Random weights make the labels arbitrary but deterministic: the tests
 that use them check files, grids, refusals and messages, never accuracy. Both stages work at 4 mm
 so that a case takes a second, not the half minute a 1.5 mm tumor stage takes."""
 
@@ -25,6 +25,11 @@ def models_dir(tmp_path_factory):
         checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
                                       "stage": stage}, folder / f"{name}.pt")
         export_checkpoint(checkpoint, folder, note="random weights for tests")
+    refine = {"architecture": "refine", "widths": (4, 8)}
+    checkpoint = save_checkpoint({"model": build_model(refine).state_dict(), "model_config": refine,
+                                  "stage": {"name": "refine", "patch_size": [32] * 3, "num_classes": 2}},
+                                 folder / "refine-checkpoint.pt")
+    export_checkpoint(checkpoint, folder, note="random weights for tests")
     return folder
 
 

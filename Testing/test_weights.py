@@ -95,6 +95,23 @@ def test_an_export_over_the_size_limit_is_refused_and_leaves_nothing(trained, tm
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def test_a_refinement_checkpoint_exports_as_refine_pt_under_its_own_limit(tmp_path, monkeypatch):
+    architecture = {"architecture": "refine", "widths": (4, 8)}
+    model = build_model(architecture).eval()
+    checkpoint = save_checkpoint({"model": model.state_dict(), "model_config": architecture,
+                                  "stage": {"name": "refine", "patch_size": [32] * 3, "num_classes": 2}},
+                                 tmp_path / "last.pt")
+    target = export_checkpoint(checkpoint, tmp_path / "models")
+    assert target.name == "refine.pt"
+    loaded, entry = load_model(tmp_path / "models", "refine")
+    x = torch.randn(1, 2, 8, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert entry["model"] == {"architecture": "refine", "widths": [4, 8]}
+    monkeypatch.setattr(weights, "MAX_REFINE_MODEL_BYTES", 1000)
+    with pytest.raises(InputError, match="over the 0 MiB limit"):
+        export_checkpoint(checkpoint, tmp_path / "models", overwrite=True)
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no weights manifest"),
     ("{not json", "unreadable"),

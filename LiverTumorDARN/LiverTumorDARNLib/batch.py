@@ -31,10 +31,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import image_stem, is_image_path, read_ct, write_json, write_text
+from .io import image_stem, is_image_path, read_ct, read_image, write_json, write_text
 from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
 from .pipeline import Segmentation, load_stages, segment
 from .report import CaseReport, measure, write_report
@@ -122,6 +124,47 @@ def _segment_and_write(source: Path, target: Path, fmt: str, stages, job: Job) -
     result = segment(ct, *stages, job.device, job.progress)
     write_segmentation(result.labels, target, fmt, source, job.series_uid, job.overwrite)
     return result, measure(ct, result.labels)
+
+
+def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, int, int]],
+               negatives: list[tuple[int, int, int]], job: Job) -> list[str]:
+    """Correct the label map ``mask`` of the CT ``source`` with clicks (voxel i, j, k) and write it
+    to ``target``: positive clicks first, then negative ones; without clicks every tumor is refined.
+    Returns what each step did."""
+    from .refine import Refiner
+
+    fmt = output_format(target, job.fmt)
+    check_source_fits(fmt, source, target, job.series_uid)
+    if target.exists() and not job.overwrite:
+        raise InputError(f"{target} exists; pass --overwrite to replace it")
+    ct = read_ct(source, job.series_uid)
+    labels = sitk.GetArrayFromImage(_matching_labels(read_image(mask), ct, mask))
+    refiner = Refiner.load(job.models_dir, job.device)
+    if not clicks and not negatives:
+        changes = [refiner.refine_all(ct, labels)]
+    else:
+        changes = []
+        for point, positive in [(c, True) for c in clicks] + [(c, False) for c in negatives]:
+            changes.append(refiner.click(ct, labels, point, positive))
+            labels = changes[-1].labels
+    refined = sitk.GetImageFromArray(changes[-1].labels)
+    refined.CopyInformation(ct)
+    write_segmentation(refined, target, fmt, source, job.series_uid, job.overwrite)
+    return [change.message for change in changes]
+
+
+def _matching_labels(labels: sitk.Image, ct: sitk.Image, path: Path) -> sitk.Image:
+    """The label map, if it lies on the CT's grid and holds only 0, 1 and 2."""
+    same_grid = (labels.GetSize() == ct.GetSize()
+                 and np.allclose(labels.GetSpacing(), ct.GetSpacing(), rtol=1e-4)
+                 and np.allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-3 * max(ct.GetSpacing()))
+                 and np.allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-4))
+    if not same_grid:
+        raise InputError(f"{path}: the mask is not on the CT's voxel grid (size, spacing, origin and direction must match)")
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    if not set(values.tolist()) <= {0, 1, 2}:
+        raise InputError(f"{path}: a mask holds 0 background, 1 liver, 2 tumor; found {values.tolist()[:6]}")
+    return sitk.Cast(labels, sitk.sitkUInt8)
 
 
 # --------------------------------------------------------------------------- batches

@@ -74,6 +74,27 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refine(args: argparse.Namespace) -> int:
+    from .batch import Job, refine_one
+    from .pipeline import resolve_device
+
+    job = Job(args.models, resolve_device(args.device), args.format, args.series_uid, args.overwrite)
+    for message in refine_one(args.input, args.mask, args.output, args.click, args.negative, job):
+        print(message)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _voxel(text: str) -> tuple[int, int, int]:
+    try:
+        point = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        point = ()
+    if len(point) != 3 or min(point) < 0:
+        raise argparse.ArgumentTypeError(f"expected a voxel index I,J,K (three integers from 0), got {text!r}")
+    return point
+
+
 def _stage_progress():
     """A progress bar per named stage on stderr (the report goes to stdout)."""
     from tqdm import tqdm
@@ -109,8 +130,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import run
-
+    if args.stage == "refine":
+        from .refine_training import run
+    else:
+        from .training import run
     return run(args)
 
 
@@ -135,8 +158,10 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options left out keep training.TrainConfig's defaults (declared here so that the command
     starts without importing torch)."""
-    parser.add_argument("--stage", choices=("liver", "tumor"), help="liver (whole CT at 4 mm, default) "
-                        "or tumor (liver crop at 1.5 mm)")
+    parser.add_argument("--stage", choices=("liver", "tumor", "refine"), help="liver (whole CT at 4 mm, default), "
+                        "tumor (liver crop at 1.5 mm) or refine (the boundary-refinement network)")
+    parser.add_argument("--models", type=Path, metavar="DIR",
+                        help="--stage refine: DARN weights whose predictions are coarse masks (default: bundled)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="LiTS-layout folder (volume-K / segmentation-K); default: phantoms drawn on the fly")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint folder (last.pt, best.pt)")
@@ -225,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weights folder with manifest.json (default: the bundled weights)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.set_defaults(run=_segment)
+
+    refine = commands.add_parser(
+        "refine", help="correct tumor boundaries of a label map with the refinement network",
+        description="Refine the tumors of a label map (0 background, 1 liver, 2 tumor, on the CT's "
+                    "grid) with the boundary-refinement network. --click I,J,K (voxel index) refines "
+                    "the tumor under or near the click, or adds a lesion where none is near; "
+                    "--negative I,J,K removes the tumor under the click, or trims the offshoot it is on. "
+                    "Positive clicks run first, then negative ones. Without clicks every tumor is refined.")
+    refine.add_argument("input", type=Path, metavar="INPUT", help="the CT (file or DICOM folder)")
+    refine.add_argument("--mask", type=Path, required=True, metavar="COARSE", help="label map to correct")
+    refine.add_argument("--click", type=_voxel, action="append", default=[], metavar="I,J,K")
+    refine.add_argument("--negative", type=_voxel, action="append", default=[], metavar="I,J,K")
+    refine.add_argument("-o", "--output", type=Path, required=True, help="corrected label map")
+    refine.add_argument("--format", choices=tuple(FORMATS), help="output format (default: by the file name)")
+    refine.add_argument("--series-uid", help="the DICOM series to read when a folder holds several")
+    refine.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    refine.add_argument("--models", type=Path, default=bundled_models_dir(), help="weights folder")
+    refine.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    refine.set_defaults(run=_refine)
 
     demo = commands.add_parser(
         "demo", help="segment the sample phantom and compare with its known truth",

@@ -721,6 +721,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from ``livertumordarn train`` options; options left out keep its defaults."""
     if args.patch_size is not None and len(args.patch_size) != 3:
         raise InputError(f"--patch-size needs three sizes z,y,x, got {args.patch_size}")
+    if getattr(args, "models", None) is not None:
+        raise InputError("--models is an option of --stage refine (the DARN weights it refines)")
     if args.widths is not None and len(args.widths) < 2:
         raise InputError(f"--widths needs at least two levels, got {args.widths}")
     defaults = TrainConfig()

@@ -46,6 +46,8 @@ INTENDED_USE = ("trained on synthetic phantoms, for demonstration and research; 
                 "train on real data before any other use")
 MAX_MODEL_BYTES = 16 * 1024 * 1024
 """Largest weights file that may be bundled with the extension."""
+MAX_REFINE_MODEL_BYTES = 8 * 1024 * 1024
+"""The refinement network is loaded for every click session: it is kept smaller."""
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -101,11 +103,12 @@ def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.
 
 
 def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwrite: bool = False) -> Path:
-    """Turn a training checkpoint into ``models_dir/darn-{stage}.pt`` and its manifest entry.
+    """Turn a training checkpoint into ``models_dir/darn-{stage}.pt`` (or ``refine.pt``) and its
+    manifest entry.
 
     The training record and the validation scores come from the checkpoint itself, so the
     manifest says what the run really was; ``note`` adds what the checkpoint cannot know (the
-    machine, the wall time). The exported model has no deep-supervision heads (inference never
+    machine, the wall time). An exported DARN has no deep-supervision heads (inference never
     uses them). Other entries of the manifest are kept; both files are written atomically.
     Returns the weights file's path.
     """
@@ -116,18 +119,19 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     name = payload["stage"]["name"]
     if not _MODEL_NAME.match(name):
         raise InputError(f"{checkpoint}: stage name {name!r} is not a model name (lower-case letters, digits, '-' and '_')")
-    target = models_dir / f"darn-{name}.pt"
+    is_darn = payload["model_config"].get("architecture", "darn") == "darn"
+    target = models_dir / (f"darn-{name}.pt" if is_darn else f"{name}.pt")
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; pass --overwrite to replace it")
-    architecture = {**payload["model_config"], "deep_supervision": False}
+    architecture = {**payload["model_config"], "deep_supervision": False} if is_darn else dict(payload["model_config"])
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
-    _export_within_limit(model, target)
+    _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {
         "file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
-        "model": {**architecture, "encoder_widths": list(architecture["encoder_widths"])},
+        "model": {key: list(value) if isinstance(value, tuple) else value for key, value in architecture.items()},
         "stage": payload["stage"], "training": _training_record(payload, note),
         "metrics": {"validation_dice": payload.get("val_scores")},
     }
@@ -162,8 +166,8 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def _export_within_limit(model: torch.nn.Module, target: Path) -> None:
-    """Script the model to a temp file, refuse it over :data:`MAX_MODEL_BYTES`, else move it to ``target``."""
+def _export_within_limit(model: torch.nn.Module, target: Path, limit: int) -> None:
+    """Script the model to a temp file, refuse it over ``limit`` bytes, else move it to ``target``."""
     from .models import export_torchscript
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +175,9 @@ def _export_within_limit(model: torch.nn.Module, target: Path) -> None:
     try:
         export_torchscript(model, temp)
         size = temp.stat().st_size
-        if size > MAX_MODEL_BYTES:
+        if size > limit:
             raise InputError(f"{target.name}: exported model is {size / 2**20:.1f} MiB, over the "
-                             f"{MAX_MODEL_BYTES / 2**20:.0f} MiB limit for bundled weights; train narrower widths")
+                             f"{limit / 2**20:.0f} MiB limit for bundled weights; train narrower widths")
         os.replace(temp, target)
     finally:
         with contextlib.suppress(OSError):

@@ -1,0 +1,410 @@
+"""Boundary refinement of one tumor at a time, and the clicks a radiologist corrects with.
+
+    label map + CT -> one coarse tumor -> patch around it (image, coarse mask)
+                   -> refinement network -> tumor probability on the patch
+                   -> back onto the volume's voxels inside the patch -> updated label map, changed box
+
+The method is the boundary-optimisation network of the second paper (``models.BoundaryRefinementNet``):
+the coarse mask is an input channel, so the network attends to the boundary and may shrink or grow it.
+
+Choices and why:
+- The patch is a cube of ``PATCH_SIZE`` samples on the volume's own axes (flips and oblique
+  directions included) with isotropic spacing: the tumor's box, enlarged by ``CONTEXT`` and
+  ``MARGIN_MM``, decides the spacing, never finer than ``MIN_SPACING_MM``. A 3 mm and a 60 mm tumor
+  both fill the network's view, and anisotropic scans (5 mm slices) are seen as the network was
+  trained: isotropic.
+- Paste-back writes only the voxels whose centres lie inside the patch, so nothing outside the
+  patch changes; tumor may only grow into liver, as everywhere else in the pipeline, and the other
+  tumors inside the patch are kept as they were.
+- The patch grows with the result: when the refined tumor touches the patch's edge, the patch is
+  extracted again around the result (at most ``MAX_GROWTH_STEPS`` times). A click on a missed
+  lesion starts from a small seed and ends with a patch that fits the lesion.
+- A negative click is an edit, not a network call: on the body of a tumor it removes the tumor;
+  on a thin offshoot (a leak) it removes the offshoot only. The offshoot is what separates from
+  the body when the tumor is eroded (a distance-transform threshold), which keeps the result
+  predictable for the person clicking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .labels import LIVER, TUMOR
+from .pipeline import AIR_VALUE, MIN_TUMOR_MM3, normalize_hu
+
+PATCH_SIZE = 32
+"""Samples along each side of the cube the network sees."""
+MIN_SPACING_MM = 0.8
+CONTEXT = 1.5
+"""The patch side is the tumor box's longest side times this, plus 2 * MARGIN_MM."""
+MARGIN_MM = 4.0
+NEAR_MM = 10.0
+"""A click this close to a tumor refers to it; farther away it starts a new lesion."""
+SEED_RADIUS_MM = 4.0
+"""The coarse mask of a new lesion: a ball around the click."""
+MAX_GROWTH_STEPS = 3
+TRIM_STEPS = 12
+"""Opening radii tried by a negative click (quantiles of the tumor's depth)."""
+
+Box = tuple[slice, slice, slice]
+"""A region of a [z, y, x] array."""
+
+
+# --------------------------------------------------------------------------------------------
+# Patch geometry
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """The network's cube (``grid``) and the voxels of the volume it covers (``region``)."""
+
+    grid: sitk.Image
+    region: Box
+
+
+def patch_around(image: sitk.Image, low_xyz: Sequence[float], high_xyz: Sequence[float],
+                 context: float = CONTEXT, margin_mm: float = MARGIN_MM) -> Patch:
+    """The patch centred on the index box [low, high] (x, y, z, inclusive) of ``image``."""
+    spacing = np.array(image.GetSpacing())
+    low, high = np.asarray(low_xyz, float), np.asarray(high_xyz, float)
+    longest_mm = float(((high - low + 1) * spacing).max())
+    step = max(MIN_SPACING_MM, (longest_mm * context + 2 * margin_mm) / PATCH_SIZE)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((low + high) / 2).tolist()))
+    grid = sitk.Image([PATCH_SIZE] * 3, sitk.sitkFloat32)
+    grid.SetSpacing([step] * 3)
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin((centre - direction @ np.full(3, (PATCH_SIZE - 1) / 2 * step)).tolist())
+    return Patch(grid, _covered_voxels(image, grid))
+
+
+def _covered_voxels(image: sitk.Image, grid: sitk.Image) -> Box:
+    """Voxels of ``image`` whose centres lie inside the cube of ``grid``'s sample centres."""
+    corners = [grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in np.ndindex(2, 2, 2) for corner in [np.array(corner) * (PATCH_SIZE - 1)]]
+    indices = np.array([image.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    start = np.maximum(0, np.ceil(indices.min(0) - 1e-6)).astype(int)
+    stop = np.minimum(image.GetSize(), np.floor(indices.max(0) + 1e-6).astype(int) + 1)
+    stop = np.maximum(stop, start)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
+
+
+def _crop(image: sitk.Image, region: Box, pad: int = 1) -> sitk.Image:
+    """``image`` cut to ``region`` widened by ``pad`` voxels (for interpolation at its edge)."""
+    size = image.GetSize()
+    bounds = [(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(region[::-1], size)]
+    return image[bounds[0][0]:bounds[0][1], bounds[1][0]:bounds[1][1], bounds[2][0]:bounds[2][1]]
+
+
+def _as_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(like)
+    return image
+
+
+def patch_inputs(ct: sitk.Image, mask: np.ndarray, patch: Patch) -> np.ndarray:
+    """[2, P, P, P] network input: the normalised CT and the coarse mask, resampled to the patch.
+
+    ``mask`` is the coarse tumor on ``patch.region`` of the volume.
+    """
+    region_ct = _crop(ct, patch.region, pad=1)
+    image = sitk.Resample(sitk.Cast(region_ct, sitk.sitkFloat32), patch.grid, sitk.Transform(),
+                          sitk.sitkLinear, AIR_VALUE, sitk.sitkFloat32)
+    coarse = sitk.Resample(_as_image(mask.astype(np.float32), _crop(ct, patch.region, pad=0)), patch.grid,
+                           sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return np.stack([normalize_hu(sitk.GetArrayFromImage(image)), sitk.GetArrayFromImage(coarse)])
+
+
+def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
+    """Values on the patch grid interpolated onto the volume's voxels of ``patch.region``."""
+    return sitk.GetArrayFromImage(sitk.Resample(_as_image(values.astype(np.float32), patch.grid),
+                                                _crop(ct, patch.region, pad=0), sitk.Transform(),
+                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def labels_to_patch(labels: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
+    """A label map of the volume on the patch grid (nearest neighbour): training targets."""
+    crop = _crop(ct, patch.region, pad=1)
+    widened = tuple(slice(max(0, s.start - 1), s.start - 1 + n)
+                    for s, n in zip(patch.region, sitk.GetArrayViewFromImage(crop).shape))
+    return sitk.GetArrayFromImage(sitk.Resample(_as_image(labels[widened], crop), patch.grid, sitk.Transform(),
+                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+# --------------------------------------------------------------------------------------------
+# Refinement
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """The label map after an edit, the region that differs from before (None: nothing changed),
+    and what happened, in words for the person who clicked."""
+
+    labels: np.ndarray
+    box: Box | None
+    message: str
+
+
+class Refiner:
+    """The refinement network and the edits made with it. ``labels`` arrays are [z, y, x] on the
+    CT's grid (0 background, 1 liver, 2 tumor) and are never modified in place: each edit returns
+    a new map, so the caller keeps the old one for undo."""
+
+    def __init__(self, model: torch.jit.ScriptModule, device: torch.device):
+        self.model, self.device = model, device
+
+    @classmethod
+    def load(cls, models_dir, device: torch.device) -> Refiner:
+        from .weights import load_model
+
+        module, _ = load_model(models_dir, "refine", str(device))
+        return cls(module, device)
+
+    def probability(self, inputs: np.ndarray) -> np.ndarray:
+        """Tumor probability on the patch grid from the [2, P, P, P] inputs."""
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            logits = self.model(torch.from_numpy(inputs)[None].to(self.device))
+        return torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+
+    def refine_mask(self, ct: sitk.Image, labels: np.ndarray, coarse: np.ndarray,
+                    coarse_box: Box) -> tuple[np.ndarray, Box]:
+        """The refined tumor (bool, on the returned region) for one coarse tumor given on ``coarse_box``.
+
+        The patch is re-centred on the result while the result touches the patch's edge.
+        """
+        mask, box = coarse, coarse_box
+        for _ in range(MAX_GROWTH_STEPS):
+            patch = patch_around(ct, *_index_bounds(mask, box))
+            inputs = patch_inputs(ct, _on_region(mask, box, patch.region), patch)
+            refined = patch_to_region(self.probability(inputs), ct, patch) > 0.5
+            refined &= labels[patch.region] > 0  # tumors grow into liver only
+            refined = _without_specks(refined, ct.GetSpacing())
+            if not refined.any() or not _touches_edge(refined, patch.region, labels.shape):
+                return refined, patch.region
+            mask, box = refined, patch.region
+        return refined, patch.region
+
+    def refine_tumor(self, ct: sitk.Image, labels: np.ndarray, component: np.ndarray, box: Box) -> Change:
+        """Refine the tumor ``component`` (bool on ``box``) and paste it back."""
+        refined, region = self.refine_mask(ct, labels, component, box)
+        return paste_tumor(labels, region, _on_region(component, box, region), refined, "tumor refined")
+
+    def click(self, ct: sitk.Image, labels: np.ndarray, point_ijk: Sequence[int], positive: bool = True) -> Change:
+        """One click at voxel (i, j, k) of the CT: refine the tumor under or near it, add a lesion
+        where none is near, or (negative) remove the tumor or trim its offshoot."""
+        point = _check_point(ct, point_ijk)
+        tumors = find_tumor_near(labels, point, ct.GetSpacing())
+        if tumors is None:
+            if not positive:
+                return Change(labels, None, "no tumor at the click: nothing to remove")
+            return self.add_lesion(ct, labels, point)
+        component, box = tumors
+        if positive:
+            return self.refine_tumor(ct, labels, component, box)
+        kept = trim_at(component, tuple(p - s.start for p, s in zip(point, box)), _spacing_zyx(ct))
+        message = "tumor removed" if not kept.any() else "offshoot trimmed"
+        return paste_tumor(labels, box, component, kept, message)
+
+    def add_lesion(self, ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int]) -> Change:
+        """A new lesion grown by the network from a small ball at ``point`` ([z, y, x])."""
+        if labels[point] == 0:
+            return Change(labels, None, "the click is outside the liver: no lesion added")
+        seed, box = _ball(point, SEED_RADIUS_MM, _spacing_zyx(ct), labels.shape)
+        refined, region = self.refine_mask(ct, labels, seed, box)
+        refined = _components_touching(refined, _on_region(seed, box, region))
+        if not refined.any():
+            return Change(labels, None, "no lesion found at the click")
+        return paste_tumor(labels, region, np.zeros_like(refined), refined, "lesion added")
+
+    def refine_all(self, ct: sitk.Image, labels: np.ndarray) -> Change:
+        """Every tumor of the map refined in turn; the box covers all changes."""
+        components = cc3d.connected_components(labels == TUMOR, connectivity=26)
+        changed: list[Box] = []
+        for number, component_box in enumerate(ndimage.find_objects(components), start=1):
+            change = self.refine_tumor(ct, labels, components[component_box] == number, component_box)
+            labels = change.labels
+            if change.box is not None:
+                changed.append(change.box)
+        box = _union(changed)
+        count = int(components.max())
+        return Change(labels, box, f"{count} tumor{'s' if count != 1 else ''} refined")
+
+
+# --------------------------------------------------------------------------------------------
+# Editing the label map
+
+
+def paste_tumor(labels: np.ndarray, region: Box, old: np.ndarray, new: np.ndarray, message: str) -> Change:
+    """Replace tumor ``old`` by ``new`` (bool arrays on ``region``): what leaves the tumor becomes
+    liver, other tumors in the region stay; nothing outside the region is touched."""
+    updated = labels.copy()
+    before = labels[region]
+    after = before.copy()
+    after[old & (before == TUMOR) & ~new] = LIVER
+    after[new] = TUMOR
+    updated[region] = after
+    differs = after != before
+    if not differs.any():
+        return Change(labels, None, message + " (no change)")
+    inner = _bounding_box(differs)
+    return Change(updated, tuple(slice(r.start + i.start, r.start + i.stop) for r, i in zip(region, inner)), message)
+
+
+def find_tumor_near(labels: np.ndarray, point: tuple[int, int, int], spacing_xyz) -> tuple[np.ndarray, Box] | None:
+    """The tumor under ``point`` ([z, y, x]) or the nearest one within ``NEAR_MM``: its mask on its
+    bounding box, and that box; None when there is none."""
+    spacing = np.array(spacing_xyz[::-1])
+    reach = np.ceil(NEAR_MM / spacing).astype(int)
+    window = tuple(slice(max(0, p - r), min(n, p + r + 1)) for p, r, n in zip(point, reach, labels.shape))
+    nearby = np.argwhere(labels[window] == TUMOR)
+    if len(nearby) == 0:
+        return None
+    offsets = (nearby + [w.start for w in window] - point) * spacing
+    distances = np.sqrt((offsets ** 2).sum(1))
+    if distances.min() > NEAR_MM:
+        return None
+    seed = tuple(int(v) for v in nearby[np.argmin(distances)] + [w.start for w in window])
+    return _component_at(labels, seed)
+
+
+def _component_at(labels: np.ndarray, seed: tuple[int, int, int]) -> tuple[np.ndarray, Box]:
+    """The 26-connected tumor containing ``seed``, found in a window that grows until it holds it
+    whole (a full-volume labelling of a 512x512x400 scan would cost most of a click's budget)."""
+    half = 16
+    while True:
+        window = tuple(slice(max(0, p - half), min(n, p + half + 1)) for p, n in zip(seed, labels.shape))
+        components = cc3d.connected_components(labels[window] == TUMOR, connectivity=26)
+        mask = components == components[tuple(p - w.start for p, w in zip(seed, window))]
+        inner = _bounding_box(mask)
+        at_edge = any((i.start == 0 and w.start > 0) or (i.stop == w.stop - w.start and w.stop < n)
+                      for i, w, n in zip(inner, window, labels.shape))
+        if not at_edge:
+            box = tuple(slice(w.start + i.start, w.start + i.stop) for w, i in zip(window, inner))
+            return mask[inner], box
+        half *= 2
+
+
+def trim_at(component: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> np.ndarray:
+    """What a negative click at ``point`` leaves of ``component``: nothing when it is on the body,
+    the rest when it is on an offshoot.
+
+    The component is opened (eroded, then dilated) by balls of growing radius. The first opening
+    that drops the clicked voxel shows the offshoot: the part dropped there. When the eroded core
+    splits first, the clicked piece is the offshoot unless it is the largest. When the core
+    vanishes with the click still inside, the click was on the body.
+    """
+    if not component[point]:  # a click beside the tumor means its nearest voxel
+        inside = np.argwhere(component)
+        point = tuple(inside[np.argmin((((inside - point) * spacing_zyx) ** 2).sum(1))])
+    padded = np.pad(component, 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=spacing_zyx)
+    reach = max(spacing_zyx)
+    at = tuple(int(p) + 1 for p in point)
+    for radius in np.unique(np.quantile(depth[padded], np.linspace(0.05, 0.95, TRIM_STEPS))):
+        core = depth > radius
+        if not core.any():
+            break
+        opened = padded & (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= radius + reach)
+        if not opened[at]:
+            dropped = cc3d.connected_components(padded & ~opened, connectivity=26)
+            return (padded & (dropped != dropped[at]))[1:-1, 1:-1, 1:-1]
+        cores = cc3d.connected_components(core, connectivity=26)
+        if cores.max() >= 2:
+            _, nearest = ndimage.distance_transform_edt(cores == 0, sampling=spacing_zyx, return_indices=True)
+            owner = cores[tuple(nearest)] * padded
+            sizes = np.bincount(owner.ravel())
+            sizes[0] = 0
+            if owner[at] == np.argmax(sizes):
+                break
+            return (padded & (owner != owner[at]))[1:-1, 1:-1, 1:-1]
+    return np.zeros_like(component)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _check_point(ct: sitk.Image, point_ijk: Sequence[int]) -> tuple[int, int, int]:
+    size = ct.GetSize()
+    if len(point_ijk) != 3 or not all(0 <= int(p) < n for p, n in zip(point_ijk, size)):
+        raise InputError(f"click {','.join(map(str, point_ijk))} is outside the volume (0..{size[0] - 1}, "
+                         f"0..{size[1] - 1}, 0..{size[2] - 1})")
+    i, j, k = (int(p) for p in point_ijk)
+    return k, j, i
+
+
+def _spacing_zyx(ct: sitk.Image) -> tuple[float, float, float]:
+    return tuple(ct.GetSpacing()[::-1])
+
+
+def _index_bounds(mask: np.ndarray, box: Box) -> tuple[list[float], list[float]]:
+    """The (x, y, z) index box of ``mask`` (given on ``box``) in the volume."""
+    inner = _bounding_box(mask)
+    low = [b.start + i.start for b, i in zip(box, inner)]
+    high = [b.start + i.stop - 1 for b, i in zip(box, inner)]
+    return [float(v) for v in low[::-1]], [float(v) for v in high[::-1]]
+
+
+def _on_region(mask: np.ndarray, box: Box, region: Box) -> np.ndarray:
+    """``mask`` given on ``box`` redrawn on ``region`` (the parts outside it are dropped)."""
+    out = np.zeros([r.stop - r.start for r in region], bool)
+    low = [max(b.start, r.start) for b, r in zip(box, region)]
+    high = [min(b.stop, r.stop) for b, r in zip(box, region)]
+    if all(h > l for l, h in zip(low, high)):
+        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(low, high, region))] = \
+            mask[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(low, high, box))]
+    return out
+
+
+def _bounding_box(mask: np.ndarray) -> Box:
+    slices = ndimage.find_objects(mask.astype(np.uint8))
+    return slices[0] if slices else tuple(slice(0, 0) for _ in mask.shape)
+
+
+def _union(boxes: list[Box]) -> Box | None:
+    if not boxes:
+        return None
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+
+
+def _touches_edge(mask: np.ndarray, region: Box, shape) -> bool:
+    """Whether ``mask`` reaches a face of its region that is not the volume's own border."""
+    for axis, (r, n) in enumerate(zip(region, shape)):
+        first = np.take(mask, 0, axis=axis).any() and r.start > 0
+        last = np.take(mask, mask.shape[axis] - 1, axis=axis).any() and r.stop < n
+        if first or last:
+            return True
+    return False
+
+
+def _without_specks(mask: np.ndarray, spacing_xyz) -> np.ndarray:
+    components = cc3d.connected_components(mask, connectivity=26)
+    if components.max() == 0:
+        return mask
+    sizes = np.bincount(components.ravel()) * float(np.prod(spacing_xyz))
+    keep = sizes >= MIN_TUMOR_MM3
+    keep[0] = False
+    return keep[components]
+
+
+def _components_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    components = cc3d.connected_components(mask, connectivity=26)
+    touched = np.unique(components[seed & mask])
+    return np.isin(components, touched[touched > 0])
+
+
+def _ball(point, radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
+    reach = [int(math.ceil(radius_mm / s)) for s in spacing_zyx]
+    box = tuple(slice(max(0, p - r), min(n, p + r + 1)) for p, r, n in zip(point, reach, shape))
+    grids = np.meshgrid(*[(np.arange(b.start, b.stop) - p) * s for b, p, s in zip(box, point, spacing_zyx)],
+                        indexing="ij")
+    return sum(g ** 2 for g in grids) <= radius_mm ** 2, box

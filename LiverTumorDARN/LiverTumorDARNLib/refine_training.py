@@ -1,0 +1,360 @@
+"""Training the boundary-refinement network: (image patch, coarse-mask patch) in, true tumor out.
+
+The coarse masks are what the network will be given in use:
+- DARN's own predictions on the training scans (the bundled weights, or ``--models``), and
+- synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
+  a missing piece, an extra piece, merged with a neighbouring blob, a seed ball (a click on a missed
+  lesion), a blob in tumor-free liver (a false positive, target: nothing), and the truth itself
+  (a good mask must stay good).
+Patches are cut by the same ``refine.patch_around`` / ``patch_inputs`` as inference, around the
+coarse mask, so training sees exactly the geometry a click produces. The target is every true
+tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two classes.
+
+Scans come from phantoms (full-size, half of them domain-randomised) or a LiTS-layout ``--data``
+folder; a pool of scans is held in memory and one is replaced every ``refresh_every`` steps.
+Validation: a fixed set of samples from held-out seeds, scored by mean patch Dice; ``best.pt``
+keeps the best. ``export`` turns a checkpoint into ``refine.pt`` in the weights manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .errors import InputError
+from .io import read_ct, read_image
+from .labels import LIVER, TUMOR
+from .models import build_model
+from .phantom import VALIDATION_SEED_START, generate_case
+from .pipeline import load_stages, segment
+from .refine import (PATCH_SIZE, SEED_RADIUS_MM, _ball, _index_bounds, _on_region, labels_to_patch, patch_around,
+                     patch_inputs)
+from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
+
+CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "seed", "good", "false")
+MAX_GRADIENT_NORM = 12.0
+
+
+@dataclasses.dataclass
+class RefineConfig:
+    out_dir: Path
+    data: Path | None = None
+    models_dir: Path | None = None
+    """DARN weights for the coarse predictions; None: the bundled ones."""
+    iterations: int = 2000
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    pool_size: int = 8
+    refresh_every: int = 100
+    val_cases: int = 3
+    val_every: int = 200
+    widths: tuple[int, ...] = (12, 24, 48, 96)
+    phantom_seed_start: int = 0
+    randomize_fraction: float = 0.5
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    num_threads: int | None = None
+
+
+@dataclasses.dataclass
+class Scan:
+    """A training scan and what sampling needs of it, computed once (a scan has ~80 M voxels;
+    a sample touches only a patch of them)."""
+
+    ct: sitk.Image
+    truth: np.ndarray
+    organ: np.ndarray  # liver and tumor, true
+    tumors: np.ndarray  # 26-connected components of the true tumor
+    tumor_boxes: list
+    darn: np.ndarray  # 26-connected components of DARN's tumor
+    darn_boxes: list
+    liver_points: np.ndarray  # a sample of tumor-free liver voxels, for false positives
+    spacing_zyx: tuple[float, float, float]
+
+
+def make_scan(ct: sitk.Image, truth: sitk.Image, stages) -> Scan:
+    truth_array = sitk.GetArrayFromImage(truth)
+    coarse = sitk.GetArrayFromImage(segment(ct, *stages, torch.device("cpu")).labels)
+    tumors = cc3d.connected_components(truth_array == TUMOR, connectivity=26)
+    darn = cc3d.connected_components(coarse == TUMOR, connectivity=26)
+    liver_points = np.argwhere(truth_array == LIVER)
+    liver_points = liver_points[np.random.default_rng(0).permutation(len(liver_points))[:1000]]
+    return Scan(ct, truth_array, truth_array > 0, tumors, ndimage.find_objects(tumors), darn,
+                ndimage.find_objects(darn), liver_points, tuple(ct.GetSpacing()[::-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Coarse masks
+
+
+def corrupt(truth: np.ndarray, organ: np.ndarray, kind: str, spacing_zyx, rng: np.random.Generator) -> np.ndarray:
+    """A plausible wrong mask made from the true tumor ``truth`` (bool, on a crop with room around it)."""
+    spacing = np.asarray(spacing_zyx)
+    if kind == "good":
+        return truth
+    if kind == "erode":
+        eroded = ndimage.distance_transform_edt(truth, sampling=spacing) > rng.uniform(0.8, 3.0)
+        return eroded if eroded.any() else truth
+    if kind == "dilate":
+        return (ndimage.distance_transform_edt(~truth, sampling=spacing) <= rng.uniform(0.8, 4.0)) & organ
+    if kind == "shift":
+        offset = rng.normal(size=3)
+        offset *= rng.uniform(1.0, 4.0) / np.linalg.norm(offset) / spacing
+        return ndimage.shift(truth, offset, order=0) & organ
+    if kind == "smooth":
+        sigma = rng.uniform(1.0, 3.0) / spacing
+        return (ndimage.gaussian_filter(truth.astype(np.float32), sigma) > rng.uniform(0.3, 0.7)) & organ
+    if kind == "missing":
+        points = np.argwhere(truth)
+        normal = rng.normal(size=3)
+        side = (np.indices(truth.shape).reshape(3, -1).T - points[rng.integers(len(points))]) * spacing @ normal
+        kept = truth & (side.reshape(truth.shape) < 0)
+        return kept if kept.any() else truth
+    if kind in ("extra", "merged"):
+        points = np.argwhere(truth)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        distance = rng.uniform(2.0, 6.0) if kind == "extra" else rng.uniform(6.0, 12.0)
+        centre = np.clip(np.round(points.mean(0) + direction * (distance + _radius_mm(truth, spacing)) / spacing),
+                         0, np.array(truth.shape) - 1).astype(int)
+        blob, box = _ball(tuple(centre), rng.uniform(2.0, 5.0), spacing, truth.shape)
+        added = np.zeros_like(truth)
+        added[box] = blob
+        if kind == "merged":  # a bridge: the blob and the tumor grown into each other
+            added |= ndimage.binary_dilation(added | truth, iterations=2) & ~truth & _segment_mask(truth, centre)
+        return (truth | added) & organ
+    if kind == "seed":
+        depth = ndimage.distance_transform_edt(truth, sampling=spacing)
+        inner = np.argwhere(depth >= depth.max() * rng.uniform(0.3, 0.9))
+        ball, box = _ball(tuple(inner[rng.integers(len(inner))]), SEED_RADIUS_MM, spacing, truth.shape)
+        seeded = np.zeros_like(truth)
+        seeded[box] = ball
+        return seeded & organ
+    raise ValueError(f"unknown corruption {kind!r}")
+
+
+def _radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
+    return float((mask.sum() * np.prod(spacing) * 3 / (4 * np.pi)) ** (1 / 3))
+
+
+def _segment_mask(mask: np.ndarray, point) -> np.ndarray:
+    """The voxels near the straight line from ``mask``'s centre to ``point`` (a bridge's path)."""
+    start = np.argwhere(mask).mean(0)
+    grid = np.indices(mask.shape).reshape(3, -1).T
+    direction = np.asarray(point) - start
+    t = np.clip((grid - start) @ direction / max(direction @ direction, 1e-6), 0, 1)
+    return (np.linalg.norm(grid - (start + t[:, None] * direction), axis=1) <= 2.0).reshape(mask.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Samples
+
+
+def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """(inputs [2, P, P, P], target [P, P, P]) for one corrupted tumor of ``scan``, or None when
+    the scan offers none of the drawn kind."""
+    kind = CORRUPTIONS[rng.integers(len(CORRUPTIONS))]
+    if kind == "false":
+        drawn = _false_positive(scan, rng)
+    elif not scan.tumor_boxes:
+        return None
+    else:
+        number = int(rng.integers(1, len(scan.tumor_boxes) + 1))
+        if kind == "darn":
+            drawn = _darn_component(scan, number)
+        else:
+            box = _widened(scan.tumor_boxes[number - 1], 12.0, scan.spacing_zyx, scan.truth.shape)
+            drawn = corrupt(scan.tumors[box] == number, scan.organ[box], kind, scan.spacing_zyx, rng), box
+    if drawn is None or not drawn[0].any():
+        return None
+    coarse, box = drawn
+    patch = patch_around(scan.ct, *_index_bounds(coarse, box), context=rng.uniform(1.3, 1.8))
+    inputs = patch_inputs(scan.ct, _on_region(coarse, box, patch.region), patch)
+    target = (labels_to_patch(scan.truth, scan.ct, patch) == TUMOR).astype(np.int64)
+    return inputs, target
+
+
+def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
+    """DARN's tumor that overlaps true tumor ``number`` most, on its box."""
+    box = scan.tumor_boxes[number - 1]
+    overlap = np.bincount(scan.darn[box][scan.tumors[box] == number], minlength=1)
+    overlap[0] = 0
+    if overlap.max() == 0:
+        return None
+    found = int(np.argmax(overlap))
+    darn_box = scan.darn_boxes[found - 1]
+    return scan.darn[darn_box] == found, darn_box
+
+
+def _false_positive(scan: Scan, rng) -> tuple[np.ndarray, tuple] | None:
+    if len(scan.liver_points) == 0:
+        return None
+    ball, box = _ball(tuple(scan.liver_points[rng.integers(len(scan.liver_points))]), rng.uniform(3.0, 8.0),
+                      scan.spacing_zyx, scan.truth.shape)
+    return ball & scan.organ[box], box
+
+
+def _widened(box, margin_mm: float, spacing_zyx, shape):
+    return tuple(slice(max(0, b.start - int(np.ceil(margin_mm / s))), min(n, b.stop + int(np.ceil(margin_mm / s))))
+                 for b, s, n in zip(box, spacing_zyx, shape))
+
+
+def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = [], []
+    while len(inputs) < size:
+        sample = draw_sample(scans[rng.integers(len(scans))], rng)
+        if sample is None:
+            continue
+        image, target = sample
+        for axis in range(3):  # the volume's own flips are in the phantoms; these add the patch's
+            if rng.random() < 0.5:
+                image, target = np.flip(image, axis + 1), np.flip(target, axis)
+        inputs.append(np.ascontiguousarray(image))
+        targets.append(np.ascontiguousarray(target))
+    return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
+
+
+def patch_dice(prediction: np.ndarray, target: np.ndarray) -> float:
+    total = prediction.sum() + target.sum()
+    return 1.0 if total == 0 else float(2 * (prediction & target).sum() / total)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _scan_source(config: RefineConfig) -> tuple[Callable[[int], tuple], Callable[[int], tuple]]:
+    """(training, validation) scan sources: index -> (CT, labels)."""
+    if config.data is not None:
+        train_pairs, val_pairs = split_lits_pairs(find_lits_pairs(config.data), config.val_cases, config.seed)
+        return lambda i: _read_pair(train_pairs[i % len(train_pairs)]), lambda i: _read_pair(val_pairs[i])
+
+    def phantom(seed: int):
+        case = generate_case(seed, randomize=bool(np.random.default_rng([seed, 2]).random() < config.randomize_fraction))
+        return case.image, case.labels
+
+    return (lambda i: phantom(config.phantom_seed_start + i), lambda i: phantom(VALIDATION_SEED_START + 500 + i))
+
+
+def _read_pair(pair):
+    return read_ct(pair[0]), read_image(pair[1])
+
+
+def train_refiner(config: RefineConfig) -> Path:
+    """Train (or resume) the refinement network; returns ``last.pt``."""
+    from tqdm import tqdm
+
+    from .pipeline import resolve_device
+    from .weights import bundled_models_dir
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if config.phantom_seed_start + 100_000 > VALIDATION_SEED_START and config.data is None:
+        raise InputError(f"--phantom-seed-start must stay below {VALIDATION_SEED_START - 100_000}: the seeds above are held out")
+    out_dir = Path(config.out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if last_path.exists() and not config.resume:
+        raise InputError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    device = resolve_device(config.device)
+    stages = load_stages(config.models_dir or bundled_models_dir(), torch.device("cpu"))
+    architecture = {"architecture": "refine", "widths": list(config.widths)}
+    torch.manual_seed(config.seed)
+    model = build_model(architecture).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    iteration, best, scores = 0, None, {}
+    if config.resume:
+        checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iteration, best, scores = checkpoint["iteration"], checkpoint["best_val_dice"], checkpoint["val_scores"] or {}
+    rng = np.random.default_rng([config.seed, iteration])
+    train_source, val_source = _scan_source(config)
+    next_scan = iteration // config.refresh_every
+    scans = [make_scan(*train_source(next_scan + i), stages) for i in range(config.pool_size)]
+    next_scan += config.pool_size
+    val_samples = _validation_samples([make_scan(*val_source(i), stages) for i in range(config.val_cases)])
+
+    def checkpoint_payload() -> dict:
+        return {"model": model.state_dict(), "model_config": architecture, "optimizer": optimizer.state_dict(),
+                "iteration": iteration, "best_val_dice": best, "val_scores": scores,
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+                "stage": {"name": "refine", "patch_size": [PATCH_SIZE] * 3, "num_classes": 2}}
+
+    with tqdm(total=config.iterations, initial=iteration, desc="train refine", unit="it", dynamic_ncols=True) as progress:
+        while iteration < config.iterations:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_learning_rate(config.learning_rate, iteration, config.iterations)
+            model.train()
+            inputs, targets = draw_batch(scans, config.batch_size, rng)
+            loss = dice_ce_loss(model(inputs.to(device)), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRADIENT_NORM)
+            optimizer.step()
+            iteration += 1
+            if iteration % config.refresh_every == 0:
+                scans[iteration // config.refresh_every % len(scans)] = make_scan(*train_source(next_scan), stages)
+                next_scan += 1
+            if iteration % config.val_every == 0 or iteration == config.iterations:
+                scores = _validate(model, val_samples, device)
+                if best is None or scores["refined"] > best:
+                    best = scores["refined"]
+                    save_checkpoint(checkpoint_payload(), best_path)
+                save_checkpoint(checkpoint_payload(), last_path)
+            progress.set_postfix(loss=f"{float(loss):.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in scores.items()})
+            progress.update()
+    return last_path
+
+
+def _validation_samples(scans: list[Scan], per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(12345)  # the same samples every validation and every run
+    samples = []
+    for scan in scans:
+        while len(samples) < per_scan * (scans.index(scan) + 1):
+            sample = draw_sample(scan, rng)
+            if sample is not None:
+                samples.append(sample)
+    return samples
+
+
+def _validate(model: torch.nn.Module, samples, device) -> dict[str, float]:
+    """Mean patch Dice of the coarse masks and of their refinements."""
+    model.eval()
+    coarse, refined = [], []
+    with torch.inference_mode():
+        for inputs, target in samples:
+            probability = torch.softmax(model(torch.from_numpy(inputs)[None].to(device)).float(), 1)[0, 1].cpu().numpy()
+            truth = target.astype(bool)
+            coarse.append(patch_dice(inputs[1] > 0.5, truth))
+            refined.append(patch_dice(probability > 0.5, truth))
+    return {"coarse": float(np.mean(coarse)), "refined": float(np.mean(refined))}
+
+
+def config_from_args(args: argparse.Namespace) -> RefineConfig:
+    """A RefineConfig from ``livertumordarn train --stage refine`` options."""
+    for option in ("order", "patch_size"):
+        if getattr(args, option) is not None:
+            raise InputError(f"--{option.replace('_', '-')} is an option of the DARN stages, not of --stage refine")
+    if args.small_phantoms:
+        raise InputError("--small-phantoms is an option of the DARN stages: refinement needs full-resolution scans")
+    given = {field: getattr(args, option) for option, field in (
+        ("data", "data"), ("models", "models_dir"), ("iterations", "iterations"), ("batch_size", "batch_size"),
+        ("lr", "learning_rate"), ("pool_size", "pool_size"), ("refresh_every", "refresh_every"),
+        ("val_cases", "val_cases"), ("val_every", "val_every"), ("widths", "widths"),
+        ("phantom_seed_start", "phantom_seed_start"), ("randomize_fraction", "randomize_fraction"),
+        ("seed", "seed"), ("device", "device"), ("threads", "num_threads")) if getattr(args, option, None) is not None}
+    return RefineConfig(out_dir=args.out, resume=args.resume, **given)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(train_refiner(config_from_args(args)))
+    return 0

@@ -1,0 +1,285 @@
+"""Boundary refinement: patch geometry, paste-back, and what each kind of click does.
+
+Most tests use stand-in networks whose answer is known, so they test the geometry and the click
+rules, not the training: ``Bright`` calls tumor wherever the CT is brighter than 100 HU, ``Echo``
+returns the coarse mask it was given. The bundled network is tested in test_bundled_weights.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from LiverTumorDARNLib.cli import main
+from LiverTumorDARNLib.errors import InputError
+from LiverTumorDARNLib.io import write_image
+from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, Refiner, patch_around, patch_inputs,
+                                      trim_at)
+
+LIVER_HU, TUMOR_HU = 60, 160
+FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
+
+
+class Bright(nn.Module):
+    """Tumor wherever the CT is above 100 HU (normalised: (HU - 50) / 100 > 0.5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tumor = (x[:, :1] - 0.5) * 20
+        return torch.cat([torch.zeros_like(tumor), tumor], 1)
+
+
+class Echo(nn.Module):
+    """Gives back the coarse mask: refinement then only moves voxels through the patch and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tumor = (x[:, 1:2] - 0.5) * 20
+        return torch.cat([torch.zeros_like(tumor), tumor], 1)
+
+
+def scan(tumors_ijk_mm, direction=FLIPS["identity"], spacing=(0.8, 0.8, 2.5), size=(48, 48, 20)):
+    """A liver filling the volume but a 2-voxel rim, bright spherical tumors at (i, j, k) with radius mm."""
+    labels = np.zeros(size[::-1], np.uint8)
+    labels[:, 2:-2, 2:-2] = LIVER
+    k, j, i = np.indices(labels.shape)
+    for (ci, cj, ck), radius in tumors_ijk_mm:
+        distance = np.sqrt(((i - ci) * spacing[0]) ** 2 + ((j - cj) * spacing[1]) ** 2 + ((k - ck) * spacing[2]) ** 2)
+        labels[(distance <= radius) & (labels > 0)] = TUMOR
+    hu = np.choose(labels, [-1000, LIVER_HU, TUMOR_HU]).astype(np.int16)
+    ct = sitk.GetImageFromArray(hu)
+    ct.SetSpacing(spacing)
+    ct.SetDirection(direction)
+    ct.SetOrigin((12.0, -40.0, 100.0))
+    return ct, labels
+
+
+def shrunk(labels: np.ndarray) -> np.ndarray:
+    """The label map with every tumor's outer layer given to the liver: a coarse mask to refine."""
+    from scipy import ndimage
+
+    coarse = labels.copy()
+    coarse[(labels == TUMOR) & ~ndimage.binary_erosion(labels == TUMOR, np.ones((1, 3, 3)))] = LIVER
+    return coarse
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    torch.set_num_threads(2)
+
+
+def test_patch_is_an_isotropic_cube_centred_on_the_tumor():
+    ct, _ = scan([], direction=FLIPS["flipped"])
+    patch = patch_around(ct, [20, 20, 8], [26, 24, 10])
+    assert patch.grid.GetSize() == (PATCH_SIZE,) * 3
+    assert len(set(patch.grid.GetSpacing())) == 1 and patch.grid.GetSpacing()[0] >= MIN_SPACING_MM
+    centre = patch.grid.TransformContinuousIndexToPhysicalPoint([(PATCH_SIZE - 1) / 2] * 3)
+    np.testing.assert_allclose(centre, ct.TransformContinuousIndexToPhysicalPoint([23, 22, 9]), atol=1e-6)
+
+
+def test_patch_region_stops_at_the_volume_border():
+    ct, _ = scan([])
+    patch = patch_around(ct, [0, 0, 0], [3, 3, 1])
+    assert all(s.start == 0 for s in patch.region)
+    assert all(s.stop <= n for s, n in zip(patch.region, ct.GetSize()[::-1]))
+
+
+@pytest.mark.parametrize("flip", sorted(FLIPS))
+@pytest.mark.parametrize("spacing", [(0.8, 0.8, 2.5), (0.7, 1.1, 0.9)])
+def test_a_mask_survives_the_trip_to_the_patch_and_back(flip, spacing):
+    ct, labels = scan([((24, 22, 10), 6.0)], FLIPS[flip], spacing)
+    tumor = labels == TUMOR
+    change = Refiner(Echo(), torch.device("cpu")).click(ct, labels, (24, 22, 10))
+    assert dice(change.labels == TUMOR, tumor) > 0.9
+
+
+@pytest.mark.parametrize("flip", sorted(FLIPS))
+def test_the_patch_sees_the_image_where_the_volume_has_it(flip):
+    ct, labels = scan([((24, 22, 10), 6.0)], FLIPS[flip])
+    patch = patch_around(ct, [20, 18, 8], [28, 26, 12])
+    inputs = patch_inputs(ct, labels[patch.region] == TUMOR, patch)
+    middle = PATCH_SIZE // 2
+    assert inputs[0][middle, middle, middle] == pytest.approx((TUMOR_HU - 50) / 100, abs=0.05)
+    assert inputs[1][middle, middle, middle] == pytest.approx(1.0)
+
+
+def test_refinement_changes_nothing_outside_the_patch():
+    ct, labels = scan([((14, 14, 6), 4.0), ((36, 36, 14), 4.0)])
+    coarse = shrunk(labels)
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, (14, 14, 6))
+    differs = change.labels != coarse
+    inside = np.zeros_like(differs)
+    inside[change.box] = True
+    assert differs.any() and not (differs & ~inside).any()
+    np.testing.assert_array_equal(change.labels[14:, 30:, 30:], coarse[14:, 30:, 30:])  # the other tumor
+
+
+def test_click_on_a_tumor_refines_that_tumor():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    coarse = shrunk(labels)
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, (24, 22, 10))
+    assert dice(change.labels == TUMOR, labels == TUMOR) > dice(coarse == TUMOR, labels == TUMOR) + 0.05
+    assert change.message == "tumor refined"
+
+
+def test_click_near_a_tumor_refines_the_nearest_one():
+    ct, labels = scan([((24, 22, 10), 5.0)])
+    coarse = shrunk(labels)
+    beside = (24 + int((5.0 + NEAR_MM / 2) / 0.8), 22, 10)  # outside the tumor, within NEAR_MM of it
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, beside)
+    assert change.message == "tumor refined"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > dice(coarse == TUMOR, labels == TUMOR)
+
+
+def test_click_on_empty_liver_over_a_missed_tumor_adds_it():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, missed, (24, 22, 10))
+    assert change.message == "lesion added"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_click_on_empty_liver_with_nothing_there_adds_nothing():
+    ct, labels = scan([])
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (24, 22, 10))
+    assert change.box is None and change.message == "no lesion found at the click"
+    assert change.labels is labels
+
+
+def test_a_lesion_larger_than_the_first_patch_is_followed_to_its_edge():
+    ct, labels = scan([((24, 24, 10), 15.0)], spacing=(0.8, 0.8, 0.8), size=(60, 60, 40))
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, missed, (24, 24, 10))
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_tumor_at_the_volume_border_is_refined():
+    ct, labels = scan([((46, 24, 10), 6.0)])  # touches the volume's last i column's neighbourhood
+    coarse = shrunk(labels)
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, (44, 24, 10))
+    assert dice(change.labels == TUMOR, labels == TUMOR) > dice(coarse == TUMOR, labels == TUMOR)
+
+
+def test_negative_click_on_a_tumor_removes_it_and_gives_it_to_the_liver():
+    ct, labels = scan([((14, 14, 6), 4.0), ((36, 36, 14), 4.0)])
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (14, 14, 6), positive=False)
+    assert change.message == "tumor removed"
+    assert not (change.labels[:, :25, :25] == TUMOR).any()
+    assert (change.labels[labels == TUMOR][:1] == LIVER).all() or (change.labels[5:8, 12:17, 12:17] == LIVER).all()
+    assert (change.labels[14, 36, 36] == TUMOR)  # the other tumor stays
+
+
+def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
+    body = np.zeros((30, 40, 60), bool)
+    k, j, i = np.indices(body.shape)
+    body |= (i - 20) ** 2 + (j - 20) ** 2 + (k - 15) ** 2 <= 10 ** 2
+    leak = (abs(j - 20) <= 1) & (abs(k - 15) <= 1) & (i >= 20) & (i <= 50)  # a thin finger to the right
+    kept = trim_at(body | leak, (15, 20, 45), (1.0, 1.0, 1.0))
+    assert kept[15, 20, 20] and not kept[15, 20, 45]
+    assert (kept & body).sum() >= 0.98 * body.sum()
+
+
+def test_negative_click_far_from_any_tumor_changes_nothing():
+    ct, labels = scan([((14, 14, 6), 4.0)])
+    change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (40, 40, 15), positive=False)
+    assert change.box is None and change.labels is labels
+
+
+def test_refine_all_refines_every_tumor():
+    ct, labels = scan([((14, 14, 6), 4.5), ((34, 34, 14), 4.5)])
+    coarse = shrunk(labels)
+    change = Refiner(Bright(), torch.device("cpu")).refine_all(ct, coarse)
+    assert change.message == "2 tumors refined"
+    for window in (np.s_[:10, :25, :25], np.s_[10:, 25:, 25:]):
+        assert dice(change.labels[window] == TUMOR, labels[window] == TUMOR) > dice(coarse[window] == TUMOR, labels[window] == TUMOR)
+
+
+def test_an_edit_never_modifies_the_map_it_was_given():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    coarse = shrunk(labels)
+    before = coarse.copy()
+    Refiner(Bright(), torch.device("cpu")).click(ct, coarse, (24, 22, 10))
+    np.testing.assert_array_equal(coarse, before)
+
+
+def test_click_outside_the_volume_is_an_input_error():
+    ct, labels = scan([])
+    with pytest.raises(InputError, match="outside the volume"):
+        Refiner(Bright(), torch.device("cpu")).click(ct, labels, (48, 0, 0))
+
+
+# ------------------------------------------------------------------ the refine command
+
+
+@pytest.fixture
+def case_files(tmp_path):
+    ct, labels = scan([((24, 22, 10), 6.0)], FLIPS["flipped"])
+    mask = sitk.GetImageFromArray(shrunk(labels))
+    mask.CopyInformation(ct)
+    return write_image(ct, tmp_path / "ct.nii.gz"), write_image(mask, tmp_path / "coarse.nii.gz")
+
+
+def refine_command(ct, mask, output, models_dir, *extra) -> int:
+    return main(["refine", str(ct), "--mask", str(mask), "-o", str(output), "--models", str(models_dir),
+                 "--device", "cpu", *extra])
+
+
+def test_refine_command_writes_the_corrected_map_on_the_ct_grid(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "24,22,10") == 0
+    out = capsys.readouterr().out
+    assert "tumor refined" in out and "wrote" in out
+    written, source = sitk.ReadImage(str(tmp_path / "refined.nii.gz")), sitk.ReadImage(str(ct))
+    assert written.GetSize() == source.GetSize() and written.GetDirection() == source.GetDirection()
+    assert set(np.unique(sitk.GetArrayViewFromImage(written))) <= {0, 1, 2}
+
+
+def test_refine_command_says_when_a_negative_click_found_no_tumor(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--negative", "40,40,15") == 0
+    assert "no tumor at the click: nothing to remove" in capsys.readouterr().out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
+
+
+def test_refine_command_without_clicks_refines_every_tumor(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nrrd", models_dir) == 0
+    assert "1 tumor refined" in capsys.readouterr().out
+
+
+def test_refine_command_keeps_an_existing_output(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    existing = tmp_path / "refined.nii.gz"
+    existing.write_bytes(b"the user's file")
+    assert refine_command(ct, mask, existing, models_dir) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_bytes() == b"the user's file"
+
+
+def test_refine_command_refuses_a_mask_on_another_grid(case_files, models_dir, tmp_path, capsys):
+    ct, _ = case_files
+    other = sitk.Image(10, 10, 10, sitk.sitkUInt8)
+    mask = write_image(other, tmp_path / "other.nii.gz")
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir) == 2
+    assert "not on the CT's voxel grid" in capsys.readouterr().err
+    assert not (tmp_path / "refined.nii.gz").exists()
+
+
+def test_refine_command_refuses_a_click_outside_the_volume(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "480,2,2") == 2
+    assert "outside the volume" in capsys.readouterr().err
+    assert not (tmp_path / "refined.nii.gz").exists()
+
+
+def test_a_click_that_is_not_three_integers_is_a_usage_error(case_files, models_dir, tmp_path):
+    ct, mask = case_files
+    with pytest.raises(SystemExit) as exit_:
+        refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "4,5")
+    assert exit_.value.code == 2
