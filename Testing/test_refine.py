@@ -17,8 +17,10 @@ from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, Refiner, patch_around, patch_inputs,
                                       trim_at)
+from LiverTumorDARNLib.refine_training import CORRUPTIONS, corrupt, draw_sample, make_scan
 
 LIVER_HU, TUMOR_HU = 60, 160
 FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
@@ -283,3 +285,30 @@ def test_a_click_that_is_not_three_integers_is_a_usage_error(case_files, models_
     with pytest.raises(SystemExit) as exit_:
         refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "4,5")
     assert exit_.value.code == 2
+
+
+# ------------------------------------------------------------------ training samples
+
+
+@pytest.mark.parametrize("kind", [kind for kind in CORRUPTIONS if kind not in ("darn", "false")])
+def test_each_corruption_gives_a_wrong_mask_inside_the_liver(kind):
+    _, labels = scan([((24, 22, 14), 6.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    truth, organ = labels == TUMOR, labels > 0
+    coarse = corrupt(truth, organ, kind, (0.8, 0.8, 0.8), np.random.default_rng(1))
+    assert coarse.any() and not (coarse & ~organ).any()
+    assert np.array_equal(coarse, truth) == (kind == "good")
+
+
+def test_training_samples_are_cut_by_the_inference_patch_code(models_dir):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    truth = sitk.GetImageFromArray(labels)
+    truth.CopyInformation(ct)
+    training_scan = make_scan(ct, truth, load_stages(models_dir, torch.device("cpu")))
+    rng = np.random.default_rng(0)
+    samples = [sample for sample in (draw_sample(training_scan, rng) for _ in range(30)) if sample is not None]
+    assert samples
+    for inputs, target in samples:
+        assert inputs.shape == (2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE) and target.shape == (PATCH_SIZE,) * 3
+    with_tumor = [(inputs, target) for inputs, target in samples if target.any()]
+    inputs, target = with_tumor[0]
+    assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - 50) / 100, abs=0.1)

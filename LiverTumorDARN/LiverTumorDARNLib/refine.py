@@ -98,11 +98,14 @@ def _covered_voxels(image: sitk.Image, grid: sitk.Image) -> Box:
     return tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
 
 
+def _widened(region: Box, shape, pad: int) -> Box:
+    return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(region, shape))
+
+
 def _crop(image: sitk.Image, region: Box, pad: int = 1) -> sitk.Image:
     """``image`` cut to ``region`` widened by ``pad`` voxels (for interpolation at its edge)."""
-    size = image.GetSize()
-    bounds = [(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(region[::-1], size)]
-    return image[bounds[0][0]:bounds[0][1], bounds[1][0]:bounds[1][1], bounds[2][0]:bounds[2][1]]
+    z, y, x = _widened(region, image.GetSize()[::-1], pad)
+    return image[x.start:x.stop, y.start:y.stop, z.start:z.stop]
 
 
 def _as_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
@@ -134,8 +137,7 @@ def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndar
 def labels_to_patch(labels: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
     """A label map of the volume on the patch grid (nearest neighbour): training targets."""
     crop = _crop(ct, patch.region, pad=1)
-    widened = tuple(slice(max(0, s.start - 1), s.start - 1 + n)
-                    for s, n in zip(patch.region, sitk.GetArrayViewFromImage(crop).shape))
+    widened = _widened(patch.region, labels.shape, pad=1)
     return sitk.GetArrayFromImage(sitk.Resample(_as_image(labels[widened], crop), patch.grid, sitk.Transform(),
                                                 sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
 

@@ -65,7 +65,7 @@ class RefineConfig:
     num_threads: int | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Scan:
     """A training scan and what sampling needs of it, computed once (a scan has ~80 M voxels;
     a sample touches only a patch of them)."""
@@ -318,8 +318,10 @@ def train_refiner(config: RefineConfig) -> Path:
 def _validation_samples(scans: list[Scan], per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(12345)  # the same samples every validation and every run
     samples = []
-    for scan in scans:
-        while len(samples) < per_scan * (scans.index(scan) + 1):
+    for number, scan in enumerate(scans, start=1):
+        for _ in range(50 * per_scan):  # a scan without tumors offers only false positives
+            if len(samples) == per_scan * number:
+                break
             sample = draw_sample(scan, rng)
             if sample is not None:
                 samples.append(sample)

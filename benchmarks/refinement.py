@@ -1,0 +1,199 @@
+"""Boundary refinement with the bundled weights, against issue 4's targets.
+
+    .venv/bin/python benchmarks/refinement.py [--cases 8] [--device cpu] [--clicks 10] [--record]
+
+On full-size phantoms from seeds 900000 + k (never trained on), for every true tumor:
+1. Corrupted coarse masks: the tumor eroded, dilated, shifted, smoothed, with a piece missing,
+   with an extra piece, merged with a neighbouring blob (refine_training.corrupt). Dice and VOE
+   of the coarse mask, of its refinement, and of DARN's own prediction ("re-running DARN"), in
+   the tumor's neighbourhood (its box widened by 15 mm).
+2. Good masks (coarse Dice >= 0.9, the true mask included): they must stay as good on average.
+3. A click on empty liver where the tumor was removed from the map: Dice of the added lesion.
+4. Whole cases: DARN's label map against DARN followed by "refine all" (LiTS tumor Dice per
+   case and global).
+5. Latency of one click (patch extraction, network, paste-back) on a 512x512x200 volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from LiverTumorDARNLib.io import write_json
+from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
+from LiverTumorDARNLib.pipeline import load_stages, resolve_device, segment
+from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.refine_training import corrupt
+from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
+
+CORRUPTIONS = ("erode", "dilate", "shift", "smooth", "missing", "extra", "merged")
+NEIGHBOURHOOD_MM = 15.0
+TARGETS = {"dice_gain_corrupted": 0.08, "good_mask_change": 0.0, "click_new_lesion_dice": 0.70}
+LATENCY_TARGETS_S = {"cpu": 1.0, "cuda": 0.1}
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(Dice, VOE) of two masks; both empty counts as perfect."""
+    union, both = (a | b).sum(), (a & b).sum()
+    if union == 0:
+        return 1.0, 0.0
+    return float(2 * both / (a.sum() + b.sum())), float(1 - both / union)
+
+
+def neighbourhood(box, spacing_zyx, shape):
+    return tuple(slice(max(0, b.start - int(np.ceil(NEIGHBOURHOOD_MM / s))),
+                       min(n, b.stop + int(np.ceil(NEIGHBOURHOOD_MM / s)))) for b, s, n in zip(box, spacing_zyx, shape))
+
+
+def score(labels: np.ndarray, truth: np.ndarray, region) -> tuple[float, float]:
+    return overlap(labels[region] == TUMOR, truth[region] == TUMOR)
+
+
+def tumor_experiments(case, darn_labels: np.ndarray, refiner: Refiner, rng) -> list[dict]:
+    """One row per (tumor, experiment): coarse, refined and DARN scores in the tumor's neighbourhood."""
+    ct, truth = case.image, sitk.GetArrayFromImage(case.labels)
+    spacing = tuple(ct.GetSpacing()[::-1])
+    components = cc3d.connected_components(truth == TUMOR, connectivity=26)
+    rows = []
+    for number, box in enumerate(ndimage.find_objects(components), start=1):
+        region = neighbourhood(box, spacing, truth.shape)
+        true_tumor = components[region] == number
+        darn = score(darn_labels, truth, region)
+        for kind in (*CORRUPTIONS, "good"):
+            coarse_tumor = corrupt(true_tumor, truth[region] > 0, kind, spacing, rng)
+            if not coarse_tumor.any():
+                continue
+            coarse = truth.copy()
+            coarse[region][true_tumor & ~coarse_tumor] = LIVER
+            coarse[region][coarse_tumor] = TUMOR
+            refined = refiner.refine_tumor(ct, coarse, coarse_tumor, region).labels
+            rows.append({"seed": case.seed, "tumor": number, "kind": kind, "coarse": score(coarse, truth, region),
+                         "refined": score(refined, truth, region), "darn": darn})
+        missed = truth.copy()
+        missed[region][true_tumor] = LIVER
+        depth = ndimage.distance_transform_edt(true_tumor, sampling=spacing)
+        deepest = np.unravel_index(np.argmax(depth), depth.shape)
+        point = [int(d + r.start) for d, r in zip(deepest, region)][::-1]
+        added = refiner.click(ct, missed, point).labels
+        rows.append({"seed": case.seed, "tumor": number, "kind": "click on missed lesion",
+                     "coarse": score(missed, truth, region), "refined": score(added, truth, region), "darn": darn})
+    return rows
+
+
+def case_scores(truth: np.ndarray, labels: np.ndarray) -> tuple[float, int, int, int]:
+    """(per-case tumor Dice, intersection, prediction voxels, truth voxels) for global Dice."""
+    a, b = labels == TUMOR, truth == TUMOR
+    both, total = int((a & b).sum()), int(a.sum() + b.sum())
+    return (1.0 if total == 0 else 2 * both / total), both, int(a.sum()), int(b.sum())
+
+
+def click_latency(refiner: Refiner, clicks: int) -> dict:
+    """Median seconds of a positive click on a tumor and on empty liver, 512x512x200 volume."""
+    case = generate_case(BENCHMARK_SEED_START + 500, size_xyz=(512, 512, 200))
+    truth = sitk.GetArrayFromImage(case.labels)
+    coarse = np.where(ndimage.binary_erosion(truth == TUMOR), TUMOR, np.minimum(truth, LIVER)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    on_tumor, on_liver = np.argwhere(coarse == TUMOR), np.argwhere(coarse == LIVER)
+    times = {"tumor": [], "liver": []}
+    refiner.click(case.image, coarse, on_tumor[0][::-1])  # first call: allocations, not a click's cost
+    for _ in range(clicks):
+        for name, points in (("tumor", on_tumor), ("liver", on_liver)):
+            if len(points) == 0:
+                continue
+            point = points[rng.integers(len(points))][::-1]
+            start = time.perf_counter()
+            refiner.click(case.image, coarse, point)
+            times[name].append(time.perf_counter() - start)
+    return {f"click_seconds_{name}": float(np.median(values)) for name, values in times.items() if values}
+
+
+def mean(rows, key, index=0, where=lambda row: True) -> float:
+    values = [row[key][index] for row in rows if where(row)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def print_tables(rows: list[dict], whole: dict) -> dict:
+    print(f"{'experiment':26s} {'n':>4s} {'coarse Dice':>12s} {'refined Dice':>13s} {'DARN Dice':>10s} "
+          f"{'coarse VOE':>11s} {'refined VOE':>12s}")
+    for kind in (*CORRUPTIONS, "good", "click on missed lesion"):
+        subset = [row for row in rows if row["kind"] == kind]
+        print(f"{kind:26s} {len(subset):4d} {mean(subset, 'coarse'):12.3f} {mean(subset, 'refined'):13.3f} "
+              f"{mean(subset, 'darn'):10.3f} {mean(subset, 'coarse', 1):11.3f} {mean(subset, 'refined', 1):12.3f}")
+    corrupted = [row for row in rows if row["kind"] in CORRUPTIONS]
+    good = [row for row in rows if row["kind"] != "click on missed lesion" and row["coarse"][0] >= 0.9]
+    clicked = [row for row in rows if row["kind"] == "click on missed lesion"]
+    results = {
+        "corrupted_coarse_dice": mean(corrupted, "coarse"), "corrupted_refined_dice": mean(corrupted, "refined"),
+        "corrupted_coarse_voe": mean(corrupted, "coarse", 1), "corrupted_refined_voe": mean(corrupted, "refined", 1),
+        "darn_dice": mean(corrupted, "darn"),
+        "good_coarse_dice": mean(good, "coarse"), "good_refined_dice": mean(good, "refined"),
+        "click_new_lesion_dice": mean(clicked, "refined"), **whole}
+    results["dice_gain_corrupted"] = results["corrupted_refined_dice"] - results["corrupted_coarse_dice"]
+    results["good_mask_change"] = results["good_refined_dice"] - results["good_coarse_dice"]
+    print(f"\nWhole cases, tumor Dice per case / global: DARN {whole['darn_dice_per_case']:.3f} / "
+          f"{whole['darn_dice_global']:.3f}; DARN + refine all {whole['refined_dice_per_case']:.3f} / "
+          f"{whole['refined_dice_global']:.3f}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clicks", type=int, default=10, help="timed clicks of each kind")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--record", action="store_true", help="write the results into the bundled manifest")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, device {device}")
+    stages, refiner = load_stages(bundled_models_dir(), device), Refiner.load(bundled_models_dir(), device)
+    rng = np.random.default_rng(0)
+    rows, per_case = [], {"darn": [], "refined": []}
+    for seed in range(BENCHMARK_SEED_START, BENCHMARK_SEED_START + args.cases):
+        case = generate_case(seed)
+        truth = sitk.GetArrayFromImage(case.labels)
+        darn_labels = sitk.GetArrayFromImage(segment(case.image, *stages, device).labels)
+        rows += tumor_experiments(case, darn_labels, refiner, rng)
+        per_case["darn"].append(case_scores(truth, darn_labels))
+        per_case["refined"].append(case_scores(truth, refiner.refine_all(case.image, darn_labels).labels))
+        print(f"seed {seed}: {len(case.tumors)} tumors drawn", file=sys.stderr)
+    whole = {}
+    for name, scores in per_case.items():
+        whole[f"{name}_dice_per_case"] = float(np.mean([s[0] for s in scores]))
+        both, predicted, true = (sum(s[i] for s in scores) for i in (1, 2, 3))
+        whole[f"{name}_dice_global"] = 2 * both / max(predicted + true, 1)
+    print(f"Phantoms (seeds {BENCHMARK_SEED_START}..{BENCHMARK_SEED_START + args.cases - 1}, never trained on), "
+          f"per tumor, in its neighbourhood (box + {NEIGHBOURHOOD_MM:.0f} mm):")
+    results = print_tables(rows, whole)
+    results.update(click_latency(refiner, args.clicks))
+    print("\nTarget check:")
+    for key, target in TARGETS.items():
+        print(f"  {key:26s} {results[key]:8.3f}   target >= {target}   {'met' if results[key] >= target else 'NOT met'}")
+    for key in ("click_seconds_tumor", "click_seconds_liver"):
+        limit = LATENCY_TARGETS_S[device.type]
+        print(f"  {key:26s} {results[key]:8.3f}   target <= {limit}   {'met' if results[key] <= limit else 'NOT met'}")
+    print(json.dumps(results))
+    if args.record:
+        manifest = load_manifest(bundled_models_dir())
+        manifest["models"]["refine"]["metrics"]["benchmark"] = {
+            "command": "benchmarks/refinement.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, device {device}",
+            "date": time.strftime("%Y-%m-%d"), "phantom_cases": args.cases, "results": results}
+        write_json(manifest, bundled_models_dir() / MANIFEST_NAME, overwrite=True)
+
+
+if __name__ == "__main__":
+    main()
