@@ -89,9 +89,9 @@ def patch_around(image: sitk.Image, low_xyz: Sequence[float], high_xyz: Sequence
 
 def _covered_voxels(image: sitk.Image, grid: sitk.Image) -> Box:
     """Voxels of ``image`` whose centres lie inside the cube of ``grid``'s sample centres."""
-    corners = [grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-               for corner in np.ndindex(2, 2, 2) for corner in [np.array(corner) * (PATCH_SIZE - 1)]]
-    indices = np.array([image.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    last = float(PATCH_SIZE - 1)
+    corners = [grid.TransformContinuousIndexToPhysicalPoint([last * c for c in corner]) for corner in np.ndindex(2, 2, 2)]
+    indices = np.array([image.TransformPhysicalPointToContinuousIndex(corner) for corner in corners])
     start = np.maximum(0, np.ceil(indices.min(0) - 1e-6)).astype(int)
     stop = np.minimum(image.GetSize(), np.floor(indices.max(0) + 1e-6).astype(int) + 1)
     stop = np.maximum(stop, start)
