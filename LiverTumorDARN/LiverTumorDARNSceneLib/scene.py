@@ -152,11 +152,13 @@ def terminology_entry(segment: Segment) -> str:
     serializer (context~category~type~type modifier~anatomic context~region~region modifier)."""
     entry = slicer.vtkSlicerTerminologyEntry()
     entry.SetTerminologyContextName(SLICER_TERMINOLOGY_CONTEXT)
-    entry.SetAnatomicContextName(SLICER_ANATOMIC_CONTEXT)
+    # Slicer 5.8 renamed "anatomic" to "region"; older releases have only the old names.
+    renamed = hasattr(entry, "SetRegionContextName")
+    (entry.SetRegionContextName if renamed else entry.SetAnatomicContextName)(SLICER_ANATOMIC_CONTEXT)
     _set_code(entry.GetCategoryObject(), segment.category)
     _set_code(entry.GetTypeObject(), segment.type)
     if segment.anatomic_region is not None:
-        _set_code(entry.GetAnatomicRegionObject(), segment.anatomic_region)
+        _set_code(entry.GetRegionObject() if renamed else entry.GetAnatomicRegionObject(), segment.anatomic_region)
     return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
 
 
