@@ -1,6 +1,13 @@
+import json
 import os
+import queue
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import qt
 import vtk
 
 import slicer
@@ -10,16 +17,15 @@ from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
-# The Slicer side of LiverTumorDARN. Everything that is not GUI or scene work lives in the
-# LiverTumorDARNLib package next to this file (plain Python, tested without Slicer).
+# The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package (plain
+# Python, tested without Slicer) and the scene work in LiverTumorDARNSceneLib.scene (tested in CI
+# against Slicer's real MRML classes); this file holds only the panel and its thin logic.
 
-#: Segments in label-value order: label 1 is the liver, label 2 the tumor (as in LiverTumorDARNLib).
-SEGMENTS = (
-    ("Liver", (221 / 255, 130 / 255, 101 / 255)),
-    ("Liver tumor", (250 / 255, 220 / 255, 80 / 255)),
-)
+MODULE_DIR = os.path.dirname(__file__)
+POLL_MILLISECONDS = 100
+STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
 
 
 #
@@ -65,11 +71,15 @@ class LiverTumorDARNParameterNode:
 
     inputVolume - The CT volume to segment.
     outputSegmentation - The segmentation that holds the "Liver" and "Liver tumor" segments.
+    resultsTable - One row per tumor (volume, longest axial diameter, mean HU, centroid).
+    device - "auto", "cpu" or "cuda".
     phantomSeed - Seed of the synthetic phantom that "Load phantom case" generates.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    resultsTable: vtkMRMLTableNode
+    device: str = "auto"
     phantomSeed: int = 0
 
 
@@ -79,9 +89,8 @@ class LiverTumorDARNParameterNode:
 
 
 class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Uses ScriptedLoadableModuleWidget base class, available at:
-    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
-    """
+    """The panel: inputs, "Segment tumors" (a subprocess, so Slicer never freezes), results,
+    click-to-refine (a persistent worker thread, so the network's caches stay warm)."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -89,6 +98,13 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._process = None
+        self._records = queue.Queue()
+        self._workFolder = None
+        self._clickThread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="LiverTumorDARN-clicks")
+        self._pendingEdit = None
+        self._clickNode = None
+        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -101,27 +117,38 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = LiverTumorDARNLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MILLISECONDS)
+        self._timer.connect("timeout()", self.onPoll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantomButton)
-        # "Segment tumors" (the DARN network) is added here once the network exists.
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.clickModeButton.connect("toggled(bool)", self.onClickModeToggled)
+        self.ui.refineAllButton.connect("clicked(bool)", self.onRefineAllButton)
+        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self.cancelSegmentation()
+        self._clickThread.shutdown(wait=False)
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        self.ui.clickModeButton.checked = False
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.cancelSegmentation()
+        self.ui.clickModeButton.checked = False
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -141,6 +168,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
 
     def onLoadPhantomButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
@@ -149,6 +177,163 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.inputVolume = volumeNode
             self._parameterNode.outputSegmentation = segmentationNode
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+
+    # ---------------------------------------------------------------- "Segment tumors"
+
+    def onSegmentButton(self) -> None:
+        if self._process is not None:
+            self.cancelSegmentation()
+            self.ui.statusLabel.text = _("Cancelled.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            ensurePythonRequirements()
+            volumeNode = self._parameterNode.inputVolume
+            if not volumeNode:
+                raise ValueError(_("Select a CT volume first."))
+            if not self._parameterNode.outputSegmentation:
+                self._parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", volumeNode.GetName() + " liver and tumors")
+                self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
+            self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
+            self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
+                                                         self.ui.modelsPathLineEdit.currentPath)
+            threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+            self._timer.start()
+
+    def cancelSegmentation(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+        self._finishSegmentation()
+
+    def _finishSegmentation(self) -> None:
+        self._process = None
+        self._records = queue.Queue()
+        if self._workFolder:
+            shutil.rmtree(self._workFolder, ignore_errors=True)
+            self._workFolder = None
+        self.ui.segmentButton.text = _("Segment tumors")
+        if self._pendingEdit is None:
+            self._timer.stop()
+
+    def onPoll(self) -> None:
+        """Drain what the subprocess and the click thread reported (this runs on Slicer's main
+        thread, the only one that may touch the scene)."""
+        self._pollClick()
+        if self._process is None:
+            return
+        error = None
+        while not self._records.empty():
+            record = self._records.get()
+            if "stage" in record:
+                self.ui.progressBar.value = int(100 * record["fraction"])
+                self.ui.statusLabel.text = STAGE_NAMES.get(record["stage"], record["stage"])
+            elif "message" in record:
+                slicer.util.warningDisplay(record["message"])
+            elif "error" in record:
+                error = record["error"]
+            elif "output" in record:
+                self.ui.statusLabel.text = record["output"]
+        if self._process.poll() is None or not self._records.empty():
+            return
+        returnCode, labelsPath = self._process.returncode, os.path.join(self._workFolder, "labels.nrrd")
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            try:
+                if returnCode != 0:
+                    raise RuntimeError(error or _("The segmentation process stopped with status {code}.").format(code=returnCode))
+                report = self.logic.loadResult(labelsPath, self._parameterNode.inputVolume,
+                                               self._parameterNode.outputSegmentation, self._resultsTable())
+                self.showReport(report)
+            finally:
+                self._finishSegmentation()
+
+    def _resultsTable(self):
+        if not self._parameterNode.resultsTable:
+            self._parameterNode.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "Liver tumors")
+            self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
+        return self._parameterNode.resultsTable
+
+    def showReport(self, report) -> None:
+        from LiverTumorDARNSceneLib import scene
+
+        self.ui.summaryLabel.text = scene.summary(report)
+        self.ui.statusLabel.text = _("Done.")
+        self.ui.progressBar.value = 100
+
+    def onResultClicked(self, index) -> None:
+        table = self._parameterNode.resultsTable
+        if not table:
+            return
+        r, a, s = (float(table.GetCellText(index.row(), column)) for column in (4, 5, 6))
+        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+
+    # ---------------------------------------------------------------- click-to-refine
+
+    def onClickModeToggled(self, enabled: bool) -> None:
+        if not enabled:
+            slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+            return
+        if self._clickNode is None or self._clickNode.GetScene() is None:
+            self._clickNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "LiverTumorDARN clicks")
+            self._clickNode.CreateDefaultDisplayNodes()
+            self.addObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+        slicer.modules.markups.logic().SetActiveList(self._clickNode)
+        slicer.modules.markups.logic().StartPlaceMode(True)  # stays in place mode: one click after another
+
+    def onPointPlaced(self, caller, event) -> None:
+        if self._pendingEdit is not None:
+            self.ui.refineStatusLabel.text = _("Still working on the previous click.")
+            return
+        point = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1, point)
+        self._submitEdit(lambda refiner, ct, labels, volume: refiner.click(
+            ct, labels, self.logic.rasToIjk(volume, point), not self.ui.negativeCheckBox.checked))
+
+    def onRefineAllButton(self) -> None:
+        self._submitEdit(lambda refiner, ct, labels, volume: refiner.refine_all(ct, labels))
+
+    def _submitEdit(self, edit) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
+            volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
+            ct, labels = self.logic.editInputs(volume, segmentation)
+            refiner = lambda: self.logic.refiner(self._parameterNode.device, self.ui.modelsPathLineEdit.currentPath)
+            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, volume)), volume, segmentation)
+            self.ui.refineStatusLabel.text = _("Refining...")
+            self._timer.start()
+
+    def _pollClick(self) -> None:
+        if self._pendingEdit is None or not self._pendingEdit[0].done():
+            return
+        future, volume, segmentation = self._pendingEdit
+        self._pendingEdit = None
+        if self._process is None:
+            self._timer.stop()
+        with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
+            change = future.result()
+            saveStateForUndo(segmentation, volume)
+            self.logic.applyChange(volume, segmentation, change, self._resultsTable())
+            self.ui.refineStatusLabel.text = change.message
+            self.showReport(self.logic.lastReport)
+
+
+def readRecords(process, records: queue.Queue) -> None:
+    """The reader thread: every line of the subprocess, parsed, into the queue (never the scene)."""
+    for line in process.stdout:
+        try:
+            records.put(json.loads(line))
+        except ValueError:
+            records.put({"output": line.strip()})
+
+
+def saveStateForUndo(segmentationNode, volumeNode) -> None:
+    """Let the Segment Editor's Undo take back the next change of ``segmentationNode``."""
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    if editor.segmentationNode() is not segmentationNode:
+        editor.setSegmentationNode(segmentationNode)
+        editor.setSourceVolumeNode(volumeNode)
+    editor.saveStateForUndo()
 
 
 def ensurePythonRequirements() -> None:
@@ -194,13 +379,86 @@ def ensurePythonRequirements() -> None:
 class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
     """Scene work of the module, usable from the Python console without the GUI.
 
-    The computation itself lives in LiverTumorDARNLib; this class only moves images
-    between SimpleITK and MRML nodes. Methods take the scene as an argument so that they
-    also work where there is no slicer.mrmlScene (the slicer-core Python package).
+    The computation lives in LiverTumorDARNLib and the node handling in LiverTumorDARNSceneLib.scene;
+    this class ties them to the application (its Python, its scene, the persistent refiner).
     """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._refiner = None
+        self._refinerKey = None
+        self.lastReport = None
 
     def getParameterNode(self):
         return LiverTumorDARNParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def modelsDirectory(path: str = ""):
+        from pathlib import Path
+
+        from LiverTumorDARNLib.weights import bundled_models_dir
+
+        return Path(path) if path else bundled_models_dir()
+
+    def startSegmentation(self, volumeNode, workFolder: str, device: str = "auto", modelsPath: str = ""):
+        """Write the CT (world geometry) to ``workFolder`` and start the worker process on it."""
+        import SimpleITK as sitk
+
+        from LiverTumorDARNSceneLib import scene
+
+        ctPath = os.path.join(workFolder, "ct.nrrd")
+        sitk.WriteImage(scene.image_from_volume(volumeNode), ctPath)
+        pythonSlicer = shutil.which("PythonSlicer")
+        if not pythonSlicer:
+            raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
+        command = [pythonSlicer, "-m", "LiverTumorDARNSceneLib.worker", ctPath, os.path.join(workFolder, "labels.nrrd"),
+                   "--models", str(self.modelsDirectory(modelsPath)), "--device", device]
+        environment = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
+        return slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
+
+    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode):
+        """The worker's label map into the module's segments and the results table."""
+        import SimpleITK as sitk
+
+        from LiverTumorDARNSceneLib import scene
+
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(labelsPath))
+        scene.write_segments(segmentationNode, volumeNode, labels)
+        self.lastReport = scene.measure(scene.image_from_volume(volumeNode), labels)
+        scene.write_results_table(tableNode, self.lastReport)
+        return self.lastReport
+
+    def refiner(self, device: str = "auto", modelsPath: str = ""):
+        """The refinement network, loaded once per device and weights folder (on the click thread)."""
+        from LiverTumorDARNLib.pipeline import resolve_device
+        from LiverTumorDARNLib.refine import Refiner
+
+        key = (device, modelsPath)
+        if self._refiner is None or self._refinerKey != key:
+            self._refiner = Refiner.load(self.modelsDirectory(modelsPath), resolve_device(device))
+            self._refinerKey = key
+        return self._refiner
+
+    @staticmethod
+    def editInputs(volumeNode, segmentationNode):
+        """The CT and the current label array an edit starts from (read on the main thread)."""
+        from LiverTumorDARNSceneLib import scene
+
+        return scene.image_from_volume(volumeNode), scene.labels_from_segments(segmentationNode, volumeNode)
+
+    @staticmethod
+    def rasToIjk(volumeNode, pointRas):
+        from LiverTumorDARNSceneLib import scene
+
+        return scene.ras_to_ijk(volumeNode, pointRas)
+
+    def applyChange(self, volumeNode, segmentationNode, change, tableNode) -> None:
+        """Write a refinement's changed box into the segments and update the results."""
+        from LiverTumorDARNSceneLib import scene
+
+        scene.apply_change(segmentationNode, volumeNode, change.labels, change.box)
+        self.lastReport = scene.measure(scene.image_from_volume(volumeNode), change.labels)
+        scene.write_results_table(tableNode, self.lastReport)
 
     def loadPhantomCase(self, seed: int, small: bool = False, scene=None):
         """Generate a synthetic CT phantom and add it to the scene.
@@ -208,7 +466,10 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         Returns (volumeNode, segmentationNode): the CT in Hounsfield units and a segmentation
         with the "Liver" and "Liver tumor" segments, on the same grid.
         """
+        import SimpleITK as sitk
+
         from LiverTumorDARNLib.phantom import generate_case
+        from LiverTumorDARNSceneLib.scene import write_segments
 
         if scene is None:
             scene = slicer.mrmlScene
@@ -219,9 +480,9 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         self.setVolumeFromImage(volumeNode, case.image)
         volumeNode.CreateDefaultDisplayNodes()
 
-        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} truth")
         segmentationNode.CreateDefaultDisplayNodes()
-        self.setSegmentsFromLabels(segmentationNode, case.labels, volumeNode, scene)
+        write_segments(segmentationNode, volumeNode, sitk.GetArrayFromImage(case.labels))
         return volumeNode, segmentationNode
 
     @staticmethod
@@ -237,28 +498,6 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         lpsToRas = np.diag([-1.0, -1.0, 1.0, 1.0])
         volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(lpsToRas @ ijkToLps))
 
-    @classmethod
-    def setSegmentsFromLabels(cls, segmentationNode, labels, referenceVolumeNode, scene) -> None:
-        """Fill the SEGMENTS of a segmentation node from a label image (0 background, 1 liver, 2 tumor).
-
-        Goes through a temporary label map node: slicer.util.updateSegmentBinaryLabelmapFromArray
-        needs slicer.modules, which the slicer-core package does not have.
-        """
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
-        segmentation = segmentationNode.GetSegmentation()
-        segmentIds = vtk.vtkStringArray()  # label value n is imported into segmentIds[n - 1]
-        for segmentName, color in SEGMENTS:
-            segmentId = segmentation.GetSegmentIdBySegmentName(segmentName) or segmentation.AddEmptySegment("", segmentName, color)
-            segmentIds.InsertNextValue(segmentId)
-
-        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
-            cls.setVolumeFromImage(labelmapNode, labels)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, segmentIds):
-                raise RuntimeError(_("Could not import the label image into the segmentation."))
-        finally:
-            scene.RemoveNode(labelmapNode)
-
 
 #
 # LiverTumorDARNTest
@@ -266,28 +505,38 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverTumorDARNTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Reload and Test, or ctest): the module's scenario end to end."""
+    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on a phantom."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_load_phantom_case_adds_the_ct_and_both_segments()
+        self.test_segment_tumors_then_refine_all_through_the_panel()
 
-    def test_load_phantom_case_adds_the_ct_and_both_segments(self):
-        import SimpleITK as sitk
-        from LiverTumorDARNLib.phantom import generate_case
-
+    def test_segment_tumors_then_refine_all_through_the_panel(self):
         self.delayDisplay("Loading a small phantom case")
-        volumeNode, segmentationNode = LiverTumorDARNLogic().loadPhantomCase(seed=1, small=True)
+        widget = slicer.modules.livertumordarn.widgetRepresentation().self()
+        volumeNode, truthNode = widget.logic.loadPhantomCase(seed=1, small=True)
+        userSegmentId = truthNode.GetSegmentation().AddEmptySegment("", "User note")
+        widget._parameterNode.inputVolume = volumeNode
+        widget._parameterNode.outputSegmentation = truthNode  # holds a user segment that must survive
+        widget._parameterNode.device = "cpu"
 
-        expected = sitk.GetArrayFromImage(generate_case(1, small=True).image)
-        voxels = slicer.util.arrayFromVolume(volumeNode)
-        self.assertEqual(voxels.shape, expected.shape)
-        np.testing.assert_array_equal(voxels, expected)
+        self.delayDisplay("Segment tumors (subprocess)")
+        widget.onSegmentButton()
+        while widget._process is not None:
+            slicer.app.processEvents()
+        segmentation = truthNode.GetSegmentation()
+        names = sorted(segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs())
+        self.assertEqual(names, ["Liver", "Liver tumor", "User note"])
+        self.assertIsNotNone(segmentation.GetSegment(userSegmentId))
+        table = widget._parameterNode.resultsTable
+        self.assertEqual(table.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
 
-        segmentation = segmentationNode.GetSegmentation()
-        for segmentName, _color in SEGMENTS:
-            self.assertTrue(segmentation.GetSegmentIdBySegmentName(segmentName), f"missing segment {segmentName}")
+        self.delayDisplay("Refine all tumors (click thread)")
+        widget.onRefineAllButton()
+        while widget._pendingEdit is not None:
+            slicer.app.processEvents()
+        self.assertTrue(widget.ui.refineStatusLabel.text.endswith("refined") or "no change" in widget.ui.refineStatusLabel.text)
         self.delayDisplay("Test passed")

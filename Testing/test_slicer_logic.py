@@ -1,0 +1,311 @@
+"""The Slicer module's scene logic against Slicer's real MRML classes (PyPI ``slicer-core``).
+
+Volumes are loaded with Slicer's own reader (vtkMRMLVolumeArchetypeStorageNode), so the geometry
+the logic sees is the one the application would give it; when a test puts the volume under a
+parent transform, it moves the volume's own matrix the other way, so its world geometry stays the
+file's and the command line's result on the file is the expected answer, voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install -e .[test])")
+import vtk  # noqa: E402  (slicer-core brings vtk)
+
+from LiverTumorDARNLib.cli import main  # noqa: E402
+from LiverTumorDARNLib.errors import InputError  # noqa: E402
+from LiverTumorDARNLib.labels import LIVER, TUMOR  # noqa: E402
+from LiverTumorDARNLib.phantom import generate_case  # noqa: E402
+from LiverTumorDARNLib.pipeline import load_stages  # noqa: E402
+from LiverTumorDARNLib.refine import Refiner  # noqa: E402
+from LiverTumorDARNSceneLib import scene as logic  # noqa: E402
+from test_refine import Bright, dice, scan, shrunk  # noqa: E402
+
+CPU = torch.device("cpu")
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+# Right-handed, as Slicer's reader keeps them (it reorders the slices of a left-handed file).
+OBLIQUE = tuple(np.array([[-0.8, 0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, -1.0]]).ravel())
+ORIGIN = (30.5, -12.25, 400.0)
+LIVER_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
+                     "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+TUMOR_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
+                     "~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+
+
+def rotation_and_shift() -> np.ndarray:
+    """A rigid parent transform: 30 degrees about S, then 10, -20, 5 mm."""
+    angle = np.radians(30)
+    matrix = np.eye(4)
+    matrix[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    matrix[:3, 3] = (10.0, -20.0, 5.0)
+    return matrix
+
+
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            matrix.SetElement(row, column, array[row, column])
+    return matrix
+
+
+def load_volume(scene, path, parent: np.ndarray | None = None, node_class="vtkMRMLScalarVolumeNode"):
+    """Read ``path`` with Slicer's reader; with ``parent``, put it under that transform while
+    keeping its world geometry the file's."""
+    node = scene.AddNewNodeByClass(node_class, "CT")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    if parent is not None:
+        local = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(local)
+        file_matrix = np.array([[local.GetElement(r, c) for c in range(4)] for r in range(4)])
+        node.SetIJKToRASMatrix(vtk_matrix(np.linalg.inv(parent) @ file_matrix))
+        transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Parent")
+        transform.SetMatrixTransformToParent(vtk_matrix(parent))
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    return node
+
+
+def segment_labels(segmentation_node, volume_node, segment_ids) -> np.ndarray:
+    """Segments exported by Slicer itself onto the volume's grid: segment n becomes label n + 1."""
+    labelmap = volume_node.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, list(segment_ids), labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    return slicer.util.arrayFromVolume(labelmap).copy()
+
+
+def ijk_to_ras(image: sitk.Image, ijk) -> tuple[float, float, float]:
+    x, y, z = image.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk))
+    return -x, -y, z
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny test networks run fastest on one thread, and a busy machine slows many threads
+    down thirty-fold (measured: 2.4 s against 86 s per case while another job held both cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mrml_scene():
+    logic.register_segmentation_converters()
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture(scope="module")
+def phantom_file(tmp_path_factory):
+    """A small phantom with flipped i and k axes and a non-zero origin."""
+    image = generate_case(3, small=True).image
+    image.SetDirection(FLIPPED)
+    image.SetOrigin(ORIGIN)
+    path = tmp_path_factory.mktemp("phantom") / "ct.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def command_line_labels(phantom_file, models_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cli") / "labels.nrrd"
+    assert main(["segment", str(phantom_file), "-o", str(output), "--models", str(models_dir), "--device", "cpu"]) == 0
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+
+
+@pytest.fixture
+def segmented(mrml_scene, phantom_file, models_dir):
+    """The phantom under a rotating parent transform, segmented by the scene logic."""
+    volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
+    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU)
+    return volume, segmentation
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def test_a_volume_becomes_the_image_its_file_holds_flips_oblique_axes_and_origin(mrml_scene, tmp_path):
+    image = generate_case(2, small=True).image
+    image.SetDirection(OBLIQUE)
+    image.SetOrigin(ORIGIN)
+    sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))
+    converted = logic.image_from_volume(load_volume(mrml_scene, tmp_path / "ct.nrrd"))
+    np.testing.assert_allclose(converted.GetDirection(), OBLIQUE, atol=1e-9)
+    np.testing.assert_allclose(converted.GetSpacing(), image.GetSpacing(), rtol=1e-9)
+    np.testing.assert_allclose(converted.GetOrigin(), ORIGIN, atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(image))
+
+
+def test_a_parent_transform_is_hardened_into_the_image_geometry(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
+    converted = logic.image_from_volume(volume)
+    np.testing.assert_allclose(converted.GetDirection(), FLIPPED, atol=1e-9)
+    np.testing.assert_allclose(converted.GetOrigin(), ORIGIN, atol=1e-9)
+
+
+def test_a_non_linear_parent_transform_is_refused_with_a_message(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file)
+    warp = mrml_scene.AddNewNodeByClass("vtkMRMLTransformNode", "Warp")
+    warp.SetAndObserveTransformToParent(vtk.vtkSphericalTransform())
+    volume.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(InputError, match="transform 'Warp' is not linear; harden it"):
+        logic.image_from_volume(volume)
+
+
+def test_a_ras_point_maps_to_the_voxel_that_contains_it_through_the_parent_transform(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
+    image = sitk.ReadImage(str(phantom_file))
+    assert logic.ras_to_ijk(volume, ijk_to_ras(image, (12, 40, 7))) == (12, 40, 7)
+
+
+# ------------------------------------------------------------------------------ segments
+
+
+def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, command_line_labels):
+    volume, segmentation = segmented
+    ids = logic.module_segment_ids(segmentation)
+    assert {LIVER, TUMOR} <= set(np.unique(command_line_labels)), "the fixture should give both labels"
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, [ids["liver"], ids["tumor"]]),
+                                  command_line_labels)
+
+
+def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmented):
+    _volume, segmentation = segmented
+    ids = logic.module_segment_ids(segmentation)
+    liver = segmentation.GetSegmentation().GetSegment(ids["liver"])
+    tumor = segmentation.GetSegmentation().GetSegment(ids["tumor"])
+    assert (liver.GetName(), tumor.GetName()) == ("Liver", "Liver tumor")
+    np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255))
+    assert liver.GetTerminology() == LIVER_TERMINOLOGY
+    assert tumor.GetTerminology() == TUMOR_TERMINOLOGY
+
+
+def test_the_segmentation_takes_the_volume_as_reference_geometry_and_parent_transform(segmented):
+    volume, segmentation = segmented
+    assert segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    assert segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
+
+
+def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(segmented, models_dir, command_line_labels):
+    volume, segmentation = segmented
+    users = np.zeros(command_line_labels.shape, np.uint8)
+    users[10:20, 30:60, 30:60] = 1  # overlaps the liver
+    user_id = segmentation.GetSegmentation().AddEmptySegment("", "My note", (0.0, 0.0, 1.0))
+    logic._replace_segment(segmentation, user_id, users, volume)
+
+    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU)
+
+    names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentation.GetSegmentation().GetSegmentIDs()]
+    assert sorted(names) == ["Liver", "Liver tumor", "My note"]
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, [user_id]), users)
+    ids = logic.module_segment_ids(segmentation)
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, [ids["liver"], ids["tumor"]]),
+                                  command_line_labels)
+
+
+def test_labels_read_back_from_the_segments_are_those_written(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
+    labels = sitk.GetArrayFromImage(generate_case(3, small=True).labels).astype(np.uint8)
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic.write_segments(segmentation, volume, labels)
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), labels)
+
+
+def test_a_label_array_of_another_shape_is_refused(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file)
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(InputError, match="does not fit CT"):
+        logic.write_segments(segmentation, volume, np.zeros((4, 4, 4), np.uint8))
+
+
+def test_refining_without_segments_of_the_module_asks_to_segment_first(mrml_scene, phantom_file):
+    volume = load_volume(mrml_scene, phantom_file)
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
+    with pytest.raises(InputError, match='run "Segment tumors" first'):
+        logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+
+
+# ------------------------------------------------------------------------------ clicks
+
+
+@pytest.fixture
+def two_tumors(mrml_scene, tmp_path):
+    """Two bright tumors, shrunk in the segments, in a flipped volume under a parent transform."""
+    ct, truth = scan([((14, 14, 6), 5.0), ((36, 36, 14), 5.0)], direction=FLIPPED)
+    sitk.WriteImage(ct, str(tmp_path / "scan.nrrd"))
+    volume = load_volume(mrml_scene, tmp_path / "scan.nrrd", parent=rotation_and_shift())
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
+    logic.write_segments(segmentation, volume, shrunk(truth))
+    return ct, truth, volume, segmentation
+
+
+def test_a_click_in_ras_refines_the_tumor_under_it_and_only_that_tumor(two_tumors):
+    ct, truth, volume, segmentation = two_tumors
+    coarse = shrunk(truth)
+    change = logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)))
+    after = logic.labels_from_segments(segmentation, volume)
+    assert change.message == "tumor refined"
+    first, second = np.zeros_like(truth, bool), np.zeros_like(truth, bool)
+    first[:, :25, :25], second[:, 25:, 25:] = True, True
+    assert dice((after == TUMOR) & first, (truth == TUMOR) & first) > dice((coarse == TUMOR) & first, (truth == TUMOR) & first) + 0.05
+    np.testing.assert_array_equal(after[second], coarse[second])
+
+
+def test_a_click_writes_the_refiners_labels_and_nothing_outside_its_box(two_tumors):
+    ct, truth, volume, segmentation = two_tumors
+    expected = Refiner(Bright(), CPU).click(ct, shrunk(truth), (36, 36, 14))
+    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (36, 36, 14)))
+    assert expected.box is not None
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), expected.labels)
+
+
+def test_a_negative_click_removes_the_tumor_under_it(two_tumors):
+    ct, _truth, volume, segmentation = two_tumors
+    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)), positive=False)
+    after = logic.labels_from_segments(segmentation, volume)
+    assert not (after[:, :25, :25] == TUMOR).any()
+    assert (after[:, 25:, 25:] == TUMOR).any()
+
+
+def test_a_click_outside_the_volume_is_refused_with_the_volume_range(two_tumors):
+    ct, _truth, volume, segmentation = two_tumors
+    with pytest.raises(InputError, match="is outside the volume"):
+        logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 400)))
+
+
+def test_refine_all_refines_every_tumor(two_tumors):
+    _ct, truth, volume, segmentation = two_tumors
+    change = logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+    after = logic.labels_from_segments(segmentation, volume)
+    assert change.message == "2 tumors refined"
+    assert dice(after == TUMOR, truth == TUMOR) > dice(shrunk(truth) == TUMOR, truth == TUMOR) + 0.05
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def test_the_results_table_has_one_row_per_tumor_and_the_liver_volume_and_burden(two_tumors):
+    ct, _truth, volume, segmentation = two_tumors
+    report = logic.measure_segments(segmentation, volume)
+    table = volume.GetScene().AddNewNodeByClass("vtkMRMLTableNode", "Results")
+    logic.write_results_table(table, report)
+    assert table.GetNumberOfRows() == len(report.tumors) == 2
+    assert [table.GetColumnName(c) for c in range(4)] == ["Tumor", "Volume (mL)", "Longest axial diameter (mm)", "Mean HU"]
+    assert table.GetCellText(0, 1) == str(report.tumors[0].volume_ml)
+    assert float(table.GetAttribute("LiverTumorDARN.LiverVolumeMl")) == report.liver_volume_ml
+    assert float(table.GetAttribute("LiverTumorDARN.TumorBurdenPercent")) == report.tumor_burden_percent
+
+
+def test_the_results_table_centroid_is_the_tumors_world_ras_position(two_tumors):
+    ct, _truth, volume, segmentation = two_tumors
+    report = logic.measure_segments(segmentation, volume)
+    table = volume.GetScene().AddNewNodeByClass("vtkMRMLTableNode", "Results")
+    logic.write_results_table(table, report)
+    centroid_ras = [float(table.GetCellText(0, c)) for c in (4, 5, 6)]
+    assert logic.ras_to_ijk(volume, centroid_ras) == report.tumors[0].centroid_ijk
