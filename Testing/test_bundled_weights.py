@@ -35,7 +35,7 @@ def printed_dice(text: str, structure: str) -> float:
 
 def test_the_bundled_weights_are_listed_with_the_intended_use():
     manifest = load_manifest(bundled_models_dir())
-    assert set(manifest["models"]) == {"liver", "tumor"}
+    assert set(manifest["models"]) == {"liver", "tumor", "refine"}
     assert "train on real data before any other use" in manifest["intended_use"]
 
 
@@ -56,3 +56,9 @@ def test_the_bundled_weights_find_the_sample_liver(demo):
 
 def test_the_bundled_weights_find_the_sample_tumor(demo):
     assert printed_dice(demo[2], "tumor") >= TUMOR_DICE_FLOOR
+
+
+def test_the_bundled_weights_fit_the_size_limits():
+    models = bundled_models_dir()
+    assert (models / "refine.pt").stat().st_size <= 8 * 2 ** 20
+    assert sum(path.stat().st_size for path in models.glob("*.pt")) <= 30 * 2 ** 20
