@@ -33,7 +33,7 @@ from LiverTumorDARNLib.io import write_json
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import load_stages, resolve_device, segment
-from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.refine import Refiner, widened_mm
 from LiverTumorDARNLib.refine_training import corrupt
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 
@@ -51,11 +51,6 @@ def overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(2 * both / (a.sum() + b.sum())), float(1 - both / union)
 
 
-def neighbourhood(box, spacing_zyx, shape):
-    return tuple(slice(max(0, b.start - int(np.ceil(NEIGHBOURHOOD_MM / s))),
-                       min(n, b.stop + int(np.ceil(NEIGHBOURHOOD_MM / s)))) for b, s, n in zip(box, spacing_zyx, shape))
-
-
 def score(labels: np.ndarray, truth: np.ndarray, region) -> tuple[float, float]:
     return overlap(labels[region] == TUMOR, truth[region] == TUMOR)
 
@@ -67,7 +62,7 @@ def tumor_experiments(case, darn_labels: np.ndarray, refiner: Refiner, rng) -> l
     components = cc3d.connected_components(truth == TUMOR, connectivity=26)
     rows = []
     for number, box in enumerate(ndimage.find_objects(components), start=1):
-        region = neighbourhood(box, spacing, truth.shape)
+        region = widened_mm(box, NEIGHBOURHOOD_MM, spacing, truth.shape)
         true_tumor = components[region] == number
         darn = score(darn_labels, truth, region)
         for kind in (*CORRUPTIONS, "good"):

@@ -102,6 +102,12 @@ def _widened(region: Box, shape, pad: int) -> Box:
     return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(region, shape))
 
 
+def widened_mm(region: Box, margin_mm: float, spacing_zyx, shape) -> Box:
+    """``region`` grown by ``margin_mm`` on every side, within the volume."""
+    return tuple(slice(max(0, s.start - math.ceil(margin_mm / d)), min(n, s.stop + math.ceil(margin_mm / d)))
+                 for s, d, n in zip(region, spacing_zyx, shape))
+
+
 def _crop(image: sitk.Image, region: Box, pad: int = 1) -> sitk.Image:
     """``image`` cut to ``region`` widened by ``pad`` voxels (for interpolation at its edge)."""
     z, y, x = _widened(region, image.GetSize()[::-1], pad)
@@ -185,8 +191,8 @@ class Refiner:
         """
         mask, box = coarse, coarse_box
         for _ in range(MAX_GROWTH_STEPS):
-            patch = patch_around(ct, *_index_bounds(mask, box))
-            inputs = patch_inputs(ct, _on_region(mask, box, patch.region), patch)
+            patch = patch_around(ct, *index_bounds(mask, box))
+            inputs = patch_inputs(ct, on_region(mask, box, patch.region), patch)
             refined = patch_to_region(self.probability(inputs), ct, patch) > 0.5
             refined &= labels[patch.region] > 0  # tumors grow into liver only
             refined = _without_specks(refined, ct.GetSpacing())
@@ -198,7 +204,7 @@ class Refiner:
     def refine_tumor(self, ct: sitk.Image, labels: np.ndarray, component: np.ndarray, box: Box) -> Change:
         """Refine the tumor ``component`` (bool on ``box``) and paste it back."""
         refined, region = self.refine_mask(ct, labels, component, box)
-        return paste_tumor(labels, region, _on_region(component, box, region), refined, "tumor refined")
+        return paste_tumor(labels, region, on_region(component, box, region), refined, "tumor refined")
 
     def click(self, ct: sitk.Image, labels: np.ndarray, point_ijk: Sequence[int], positive: bool = True) -> Change:
         """One click at voxel (i, j, k) of the CT: refine the tumor under or near it, add a lesion
@@ -220,9 +226,9 @@ class Refiner:
         """A new lesion grown by the network from a small ball at ``point`` ([z, y, x])."""
         if labels[point] == 0:
             return Change(labels, None, "the click is outside the liver: no lesion added")
-        seed, box = _ball(point, SEED_RADIUS_MM, _spacing_zyx(ct), labels.shape)
+        seed, box = ball(point, SEED_RADIUS_MM, _spacing_zyx(ct), labels.shape)
         refined, region = self.refine_mask(ct, labels, seed, box)
-        refined = _components_touching(refined, _on_region(seed, box, region))
+        refined = _components_touching(refined, on_region(seed, box, region))
         if not refined.any():
             return Change(labels, None, "no lesion found at the click")
         return paste_tumor(labels, region, np.zeros_like(refined), refined, "lesion added")
@@ -348,7 +354,7 @@ def _spacing_zyx(ct: sitk.Image) -> tuple[float, float, float]:
     return tuple(ct.GetSpacing()[::-1])
 
 
-def _index_bounds(mask: np.ndarray, box: Box) -> tuple[list[float], list[float]]:
+def index_bounds(mask: np.ndarray, box: Box) -> tuple[list[float], list[float]]:
     """The (x, y, z) index box of ``mask`` (given on ``box``) in the volume."""
     inner = _bounding_box(mask)
     low = [b.start + i.start for b, i in zip(box, inner)]
@@ -356,7 +362,7 @@ def _index_bounds(mask: np.ndarray, box: Box) -> tuple[list[float], list[float]]
     return [float(v) for v in low[::-1]], [float(v) for v in high[::-1]]
 
 
-def _on_region(mask: np.ndarray, box: Box, region: Box) -> np.ndarray:
+def on_region(mask: np.ndarray, box: Box, region: Box) -> np.ndarray:
     """``mask`` given on ``box`` redrawn on ``region`` (the parts outside it are dropped)."""
     out = np.zeros([r.stop - r.start for r in region], bool)
     low = [max(b.start, r.start) for b, r in zip(box, region)]
@@ -404,7 +410,7 @@ def _components_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return np.isin(components, touched[touched > 0])
 
 
-def _ball(point, radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
+def ball(point, radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
     reach = [int(math.ceil(radius_mm / s)) for s in spacing_zyx]
     box = tuple(slice(max(0, p - r), min(n, p + r + 1)) for p, r, n in zip(point, reach, shape))
     grids = np.meshgrid(*[(np.arange(b.start, b.stop) - p) * s for b, p, s in zip(box, point, spacing_zyx)],

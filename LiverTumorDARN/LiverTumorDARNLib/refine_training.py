@@ -35,8 +35,8 @@ from .labels import LIVER, TUMOR
 from .models import build_model
 from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
-from .refine import (PATCH_SIZE, SEED_RADIUS_MM, _ball, _index_bounds, _on_region, labels_to_patch, patch_around,
-                     patch_inputs)
+from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, on_region, patch_around,
+                     patch_inputs, widened_mm)
 from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "seed", "good", "false")
@@ -126,7 +126,7 @@ def corrupt(truth: np.ndarray, organ: np.ndarray, kind: str, spacing_zyx, rng: n
         distance = rng.uniform(2.0, 6.0) if kind == "extra" else rng.uniform(6.0, 12.0)
         centre = np.clip(np.round(points.mean(0) + direction * (distance + _radius_mm(truth, spacing)) / spacing),
                          0, np.array(truth.shape) - 1).astype(int)
-        blob, box = _ball(tuple(centre), rng.uniform(2.0, 5.0), spacing, truth.shape)
+        blob, box = ball(tuple(centre), rng.uniform(2.0, 5.0), spacing, truth.shape)
         added = np.zeros_like(truth)
         added[box] = blob
         if kind == "merged":  # a bridge: the blob and the tumor grown into each other
@@ -135,9 +135,9 @@ def corrupt(truth: np.ndarray, organ: np.ndarray, kind: str, spacing_zyx, rng: n
     if kind == "seed":
         depth = ndimage.distance_transform_edt(truth, sampling=spacing)
         inner = np.argwhere(depth >= depth.max() * rng.uniform(0.3, 0.9))
-        ball, box = _ball(tuple(inner[rng.integers(len(inner))]), SEED_RADIUS_MM, spacing, truth.shape)
+        sphere, box = ball(tuple(inner[rng.integers(len(inner))]), SEED_RADIUS_MM, spacing, truth.shape)
         seeded = np.zeros_like(truth)
-        seeded[box] = ball
+        seeded[box] = sphere
         return seeded & organ
     raise ValueError(f"unknown corruption {kind!r}")
 
@@ -172,13 +172,13 @@ def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
         if kind == "darn":
             drawn = _darn_component(scan, number)
         else:
-            box = _widened(scan.tumor_boxes[number - 1], 12.0, scan.spacing_zyx, scan.truth.shape)
+            box = widened_mm(scan.tumor_boxes[number - 1], 12.0, scan.spacing_zyx, scan.truth.shape)
             drawn = corrupt(scan.tumors[box] == number, scan.organ[box], kind, scan.spacing_zyx, rng), box
     if drawn is None or not drawn[0].any():
         return None
     coarse, box = drawn
-    patch = patch_around(scan.ct, *_index_bounds(coarse, box), context=rng.uniform(1.3, 1.8))
-    inputs = patch_inputs(scan.ct, _on_region(coarse, box, patch.region), patch)
+    patch = patch_around(scan.ct, *index_bounds(coarse, box), context=rng.uniform(1.3, 1.8))
+    inputs = patch_inputs(scan.ct, on_region(coarse, box, patch.region), patch)
     target = (labels_to_patch(scan.truth, scan.ct, patch) == TUMOR).astype(np.int64)
     return inputs, target
 
@@ -198,14 +198,9 @@ def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
 def _false_positive(scan: Scan, rng) -> tuple[np.ndarray, tuple] | None:
     if len(scan.liver_points) == 0:
         return None
-    ball, box = _ball(tuple(scan.liver_points[rng.integers(len(scan.liver_points))]), rng.uniform(3.0, 8.0),
-                      scan.spacing_zyx, scan.truth.shape)
-    return ball & scan.organ[box], box
-
-
-def _widened(box, margin_mm: float, spacing_zyx, shape):
-    return tuple(slice(max(0, b.start - int(np.ceil(margin_mm / s))), min(n, b.stop + int(np.ceil(margin_mm / s))))
-                 for b, s, n in zip(box, spacing_zyx, shape))
+    sphere, box = ball(tuple(scan.liver_points[rng.integers(len(scan.liver_points))]), rng.uniform(3.0, 8.0),
+                       scan.spacing_zyx, scan.truth.shape)
+    return sphere & scan.organ[box], box
 
 
 def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
