@@ -17,6 +17,7 @@ from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, Refiner, patch_around, patch_inputs,
                                       trim_at)
@@ -285,6 +286,19 @@ def test_a_click_that_is_not_three_integers_is_a_usage_error(case_files, models_
     with pytest.raises(SystemExit) as exit_:
         refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "4,5")
     assert exit_.value.code == 2
+
+
+# ------------------------------------------------------------------ the network
+
+
+def test_an_untrained_refinement_network_gives_back_the_coarse_mask():
+    torch.manual_seed(0)
+    network = build_model({"architecture": "refine", "widths": (4, 8, 16)}).eval()
+    mask = torch.zeros(1, 1, 16, 16, 16)
+    mask[..., 4:11, 3:9, 5:12] = 1
+    with torch.inference_mode():
+        tumor = network(torch.cat([torch.randn_like(mask), mask], 1)).argmax(1, keepdim=True)
+    assert (tumor == mask).float().mean() > 0.99
 
 
 # ------------------------------------------------------------------ training samples

@@ -390,6 +390,9 @@ class DecoderLevel(nn.Module):
         return self.block(torch.cat([skip, coarser], dim=1))
 
 
+INITIAL_MASK_PRIOR = 3.0
+
+
 class BoundaryRefinementNet(nn.Module):
     """Refines one coarse tumor: [image, coarse mask] patch in, logits [background, tumor] out.
 
@@ -405,34 +408,40 @@ class BoundaryRefinementNet(nn.Module):
       level i (3, 2, 1 for four levels): the paper's feature-extraction blocks.
     - Decoder: trilinear upsampling, concatenation with the skip path, one residual block.
     - Two output classes and DARN's Dice + cross-entropy loss, so the training code is shared.
+    - The coarse mask is also added to the output logits, +/- ``mask_prior`` (a learned weight,
+      3 at the start: 95% for the coarse answer). An untrained network thus returns the coarse
+      mask and training learns only the corrections, so a mask that is already good stays good
+      from the first step and the capacity goes to the boundary. Without it our CPU-trained
+      network first had to relearn the mask it was given and made good masks worse.
     """
 
-    def __init__(self, in_channels: int = 2, num_classes: int = 2,
-                 widths: Sequence[int] = (12, 24, 48, 96), negative_slope: float = 0.01):
+    def __init__(self, widths: Sequence[int] = (12, 24, 48, 96), negative_slope: float = 0.01):
         super().__init__()
         levels = len(widths)
         if levels < 2:
             raise ValueError(f"the refinement network needs at least 2 levels, got widths={tuple(widths)}")
         self.size_multiple: int = SCALE_BETWEEN_LEVELS ** (levels - 1)
         self.encoder = nn.ModuleList([
-            nn.Sequential(ConvNormAct(in_channels if i == 0 else widths[i - 1], width,
+            nn.Sequential(ConvNormAct(2 if i == 0 else widths[i - 1], width,
                                       stride=1 if i == 0 else SCALE_BETWEEN_LEVELS, negative_slope=negative_slope),
                           ResidualBlock(width, width, negative_slope))
             for i, width in enumerate(widths)])
         # coarsest first, the order in which forward uses them
         self.decoder = nn.ModuleList([DecoderLevel(widths[i], widths[i + 1], levels - 1 - i, negative_slope)
                                       for i in range(levels - 2, -1, -1)])
-        self.classifier = nn.Conv3d(widths[0], num_classes, 1)
+        self.classifier = nn.Conv3d(widths[0], 2, 1)
+        self.mask_prior = nn.Parameter(torch.tensor(INITIAL_MASK_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 2, D, H, W] (image, coarse mask), sizes divisible by 2**(levels-1) -> logits [B, 2, D, H, W]."""
+        half_prior = self.mask_prior * (x[:, 1:2] - 0.5)
         features: List[torch.Tensor] = []
         for stage in self.encoder:
             x = stage(x)
             features.append(x)
         for j, level in enumerate(self.decoder):
             x = level(features[len(features) - 2 - j], x)
-        return self.classifier(x)
+        return self.classifier(x) + torch.cat([-half_prior, half_prior], 1)
 
 
 ARCHITECTURES = {"darn": DARN, "refine": BoundaryRefinementNet}
