@@ -21,7 +21,8 @@ from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, Refiner, patch_around, patch_inputs,
                                       trim_at)
-from LiverTumorDARNLib.refine_training import CORRUPTIONS, corrupt, draw_sample, make_scan
+from LiverTumorDARNLib.phantom import write_dataset
+from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
 LIVER_HU, TUMOR_HU = 60, 160
 FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
@@ -326,3 +327,30 @@ def test_training_samples_are_cut_by_the_inference_patch_code(models_dir):
     with_tumor = [(inputs, target) for inputs, target in samples if target.any()]
     inputs, target = with_tumor[0]
     assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - 50) / 100, abs=0.1)
+
+
+def tiny_training(out_dir, lits, models_dir, **changes) -> RefineConfig:
+    settings = dict(out_dir=out_dir, data=lits, models_dir=models_dir, iterations=2, batch_size=2, pool_size=1,
+                    refresh_every=100, val_cases=1, val_every=2, widths=(4, 8), device="cpu")
+    return RefineConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def lits_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lits")
+    write_dataset(folder, count=3, seed=5, small=True)
+    return folder
+
+
+def test_refinement_trains_on_a_lits_folder_and_scores_coarse_and_refined_masks(lits_folder, models_dir, tmp_path):
+    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["iteration"] == 2 and (tmp_path / "best.pt").exists()
+    assert set(checkpoint["val_scores"]) == {"coarse", "refined"}
+
+
+def test_refinement_training_resumes_at_the_saved_iteration(lits_folder, models_dir, tmp_path):
+    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
+    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, iterations=4, resume=True))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["iteration"] == 4 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4

@@ -305,7 +305,7 @@ def train_refiner(config: RefineConfig) -> Path:
                     best = scores["refined"]
                     save_checkpoint(checkpoint_payload(), best_path)
                 save_checkpoint(checkpoint_payload(), last_path)
-            progress.set_postfix(loss=f"{float(loss):.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in scores.items()})
+            progress.set_postfix(loss=f"{loss.item():.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in scores.items()})
             progress.update()
     return last_path
 
