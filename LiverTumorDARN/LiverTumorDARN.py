@@ -1,10 +1,12 @@
 import json
 import os
+import pathlib
 import queue
 import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 import numpy as np
 import qt
@@ -13,11 +15,14 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Minimum, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+
+from LiverTumorDARNLib.phantom import SAMPLE_SEED
+from LiverTumorDARNLib.weights import CUSTOM, MODEL_SOURCES
 
 # The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package (plain
 # Python, tested without Slicer) and the scene work in LiverTumorDARNSceneLib.scene (tested in CI
@@ -70,17 +75,24 @@ class LiverTumorDARNParameterNode:
     The parameters of the module, saved with the scene.
 
     inputVolume - The CT volume to segment.
-    outputSegmentation - The segmentation that holds the "Liver" and "Liver tumor" segments.
+    outputSegmentation - The segmentation that holds the "Liver" and the tumor segments.
+    perTumor - One segment per tumor ("Liver tumor 1", "Liver tumor 2", ...) instead of one "Liver tumor".
     resultsTable - One row per tumor (volume, longest axial diameter, mean HU, centroid).
     device - "auto", "cpu" or "cuda".
-    phantomSeed - Seed of the synthetic phantom that "Load phantom case" generates.
+    modelSource - "bundled" (the weights shipped with the extension) or "custom" (customModelsFolder).
+    customModelsFolder - A weights folder: manifest.json and the TorchScript files it lists.
+    phantomSeed - Seed of the synthetic phantom that "Load phantom case" generates (default: the
+        sample case of the Sample Data module and of "livertumordarn demo").
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    perTumor: bool = False
     resultsTable: vtkMRMLTableNode
-    device: str = "auto"
-    phantomSeed: int = 0
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = MODEL_SOURCES[0]
+    customModelsFolder: pathlib.Path
+    phantomSeed: Annotated[int, Minimum(0)] = SAMPLE_SEED
 
 
 #
@@ -145,6 +157,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelSegmentation()
@@ -165,10 +178,32 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
+            self.nameModelChoices()
+            self.onParameterNodeModified()
+
+    def nameModelChoices(self) -> None:
+        """Give the model choices readable names (connectGui fills the combo box with the bare
+        choices, "bundled" and "custom"), the bundled one saying which DARN it is."""
+        from LiverTumorDARNLib.weights import bundled_models_dir, describe_models
+
+        self.ui.modelComboBox.setItemText(0, _("Bundled: {models}").format(models=describe_models(bundled_models_dir())))
+        self.ui.modelComboBox.setItemText(1, _("Custom weights folder"))
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """The weights folder can be chosen only when the model is a custom one."""
+        custom = self._parameterNode.modelSource == CUSTOM
+        self.ui.modelsPathLabel.enabled = custom
+        self.ui.modelsPathLineEdit.enabled = custom
+
+    def modelsFolder(self) -> pathlib.Path:
+        """The weights folder the panel names, checked (a wrong one raises a one-line InputError)."""
+        return self.logic.modelsDirectory(self._parameterNode.modelSource, self._parameterNode.customModelsFolder)
 
     def onLoadPhantomButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
@@ -196,7 +231,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
             self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
             self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
-                                                         self.ui.modelsPathLineEdit.currentPath)
+                                                         self.modelsFolder())
             threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.value = 0
@@ -244,7 +279,8 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if returnCode != 0:
                     raise RuntimeError(error or _("The segmentation process stopped with status {code}.").format(code=returnCode))
                 report = self.logic.loadResult(labelsPath, self._parameterNode.inputVolume,
-                                               self._parameterNode.outputSegmentation, self._resultsTable())
+                                               self._parameterNode.outputSegmentation, self._resultsTable(),
+                                               self._parameterNode.perTumor)
                 self.showReport(report)
             finally:
                 self._finishSegmentation()
@@ -298,7 +334,8 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
             volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
             ct, labels = self.logic.editInputs(volume, segmentation)
-            refiner = lambda: self.logic.refiner(self._parameterNode.device, self.ui.modelsPathLineEdit.currentPath)
+            device, modelsFolder = self._parameterNode.device, self.modelsFolder()
+            refiner = lambda: self.logic.refiner(device, modelsFolder)
             self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, volume)), volume, segmentation)
             self.ui.refineStatusLabel.text = _("Refining...")
             self._timer.start()
@@ -393,14 +430,13 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         return LiverTumorDARNParameterNode(super().getParameterNode())
 
     @staticmethod
-    def modelsDirectory(path: str = ""):
-        from pathlib import Path
+    def modelsDirectory(source: str = "bundled", customFolder: pathlib.Path = pathlib.Path()) -> pathlib.Path:
+        """The weights folder of a model choice ("bundled" or "custom"), its files checked."""
+        from LiverTumorDARNLib.weights import chosen_models_dir
 
-        from LiverTumorDARNLib.weights import bundled_models_dir
+        return chosen_models_dir(source, customFolder)
 
-        return Path(path) if path else bundled_models_dir()
-
-    def startSegmentation(self, volumeNode, workFolder: str, device: str = "auto", modelsPath: str = ""):
+    def startSegmentation(self, volumeNode, workFolder: str, device: str, modelsFolder: pathlib.Path):
         """Write the CT (world geometry) to ``workFolder`` and start the worker process on it."""
         import SimpleITK as sitk
 
@@ -412,30 +448,30 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         if not pythonSlicer:
             raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
         command = [pythonSlicer, "-m", "LiverTumorDARNSceneLib.worker", ctPath, os.path.join(workFolder, "labels.nrrd"),
-                   "--models", str(self.modelsDirectory(modelsPath)), "--device", device]
+                   "--models", str(modelsFolder), "--device", device]
         environment = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
         return slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
 
-    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode):
+    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode, perTumor: bool = False):
         """The worker's label map into the module's segments and the results table."""
         import SimpleITK as sitk
 
         from LiverTumorDARNSceneLib import scene
 
         labels = sitk.GetArrayFromImage(sitk.ReadImage(labelsPath))
-        scene.write_segments(segmentationNode, volumeNode, labels)
+        scene.write_segments(segmentationNode, volumeNode, labels, perTumor)
         self.lastReport = scene.measure(scene.image_from_volume(volumeNode), labels)
         scene.write_results_table(tableNode, self.lastReport)
         return self.lastReport
 
-    def refiner(self, device: str = "auto", modelsPath: str = ""):
+    def refiner(self, device: str, modelsFolder: pathlib.Path):
         """The refinement network, loaded once per device and weights folder (on the click thread)."""
         from LiverTumorDARNLib.pipeline import resolve_device
         from LiverTumorDARNLib.refine import Refiner
 
-        key = (device, modelsPath)
+        key = (device, modelsFolder)
         if self._refiner is None or self._refinerKey != key:
-            self._refiner = Refiner.load(self.modelsDirectory(modelsPath), resolve_device(device))
+            self._refiner = Refiner.load(modelsFolder, resolve_device(device))
             self._refinerKey = key
         return self._refiner
 

@@ -8,8 +8,11 @@ every core test still passes. These tests catch that here.
 from __future__ import annotations
 
 import json
+import os
 import py_compile
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,19 @@ def test_every_widget_the_module_uses_is_declared_in_the_ui_file():
 
 def test_the_module_script_compiles(tmp_path):
     py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
+
+
+def test_the_module_script_loads_before_its_first_use_installs_torch_and_the_pip_packages():
+    """Slicer imports every module at start-up, when torch (PyTorch extension) and the pip
+    requirements may not be installed yet: what the script imports at its top must not need them."""
+    imported = re.findall(r"^from (LiverTumorDARNLib\.\w+) import", MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    assert imported, "the check needs the script's top-level imports of the core"
+    installed_on_first_use = {"torch", "cc3d", "tqdm"}
+    code = "; ".join(["import sys", *(f"import {name}" for name in imported),
+                      f"print(sorted({installed_on_first_use!r} & sys.modules.keys()))"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_extension_project_name_matches_the_index_entry_file_name():
