@@ -8,7 +8,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-import numpy as np
 import qt
 import vtk
 
@@ -31,6 +30,13 @@ from LiverTumorDARNLib.weights import CUSTOM, MODEL_SOURCES
 MODULE_DIR = os.path.dirname(__file__)
 POLL_MILLISECONDS = 100
 STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
+
+SAMPLE_NAME = "LiverTumorPhantom"
+SAMPLE_THUMBNAIL = os.path.join(MODULE_DIR, "Resources", "Icons", f"{SAMPLE_NAME}.png")
+SAMPLE_PLACEHOLDER_URI = f"file:///LiverTumorDARN/is-drawn-locally/{SAMPLE_NAME}.nrrd"
+"""The Sample Data module requires an address, but its button calls loadPhantomSample instead of
+downloading. SampleData.downloadSample(), which ignores that, finds no such file and fails at once:
+no code path reaches the network. Scripts call loadPhantomSample()."""
 
 
 #
@@ -62,6 +68,44 @@ The network follows Y. Zhang et al., "DARN: Deep Attentive Refinement Network fo
 Segmentation from 3D CT volume". Evaluation follows the Liver Tumor Segmentation Benchmark
 (LiTS): P. Bilic et al., "The Liver Tumor Segmentation Benchmark (LiTS)", Medical Image Analysis, 2023.
 """)
+        # The Sample Data module exists once the application has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """List the project's phantom case in the Sample Data module, with a thumbnail."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Liver Tumor DARN",
+        sampleName=SAMPLE_NAME,
+        uris=SAMPLE_PLACEHOLDER_URI,
+        fileNames=f"{SAMPLE_NAME}.nrrd",
+        nodeNames=SAMPLE_NAME,
+        thumbnailFileName=SAMPLE_THUMBNAIL,
+        customDownloader=lambda source: showPhantomSample(),
+    )
+
+
+def showPhantomSample() -> None:
+    """The Sample Data button: the phantom case, or a one-line error."""
+    with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
+        loadPhantomSample()
+
+
+def loadPhantomSample(seed: int = SAMPLE_SEED):
+    """Draw the phantom case of ``seed`` (the project's sample case by default), add it to the scene
+    with its true segments and show it; returns (volume node, segmentation node).
+
+    The Sample Data module and the panel's "Load phantom case" both come here, so they give the
+    same case the same way. Nothing is downloaded: the phantom is drawn from its seed.
+    """
+    from LiverTumorDARNSceneLib import scene
+
+    ensurePythonRequirements()
+    volumeNode, segmentationNode = scene.add_phantom_case(slicer.mrmlScene, seed)
+    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+    return volumeNode, segmentationNode
 
 
 #
@@ -206,12 +250,12 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.logic.modelsDirectory(self._parameterNode.modelSource, self._parameterNode.customModelsFolder)
 
     def onLoadPhantomButton(self) -> None:
+        """Load the phantom of the chosen seed and make it the input; its true segments stay in their
+        own node for comparison, and "Segment tumors" writes into a new segmentation."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
-            ensurePythonRequirements()
-            volumeNode, segmentationNode = self.logic.loadPhantomCase(self._parameterNode.phantomSeed)
+            volumeNode, _truthNode = loadPhantomSample(self._parameterNode.phantomSeed)
             self._parameterNode.inputVolume = volumeNode
-            self._parameterNode.outputSegmentation = segmentationNode
-            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            self._parameterNode.outputSegmentation = None
 
     # ---------------------------------------------------------------- "Segment tumors"
 
@@ -495,44 +539,6 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         scene.apply_change(segmentationNode, volumeNode, change.labels, change.box)
         self.lastReport = scene.measure(scene.image_from_volume(volumeNode), change.labels)
         scene.write_results_table(tableNode, self.lastReport)
-
-    def loadPhantomCase(self, seed: int, small: bool = False, scene=None):
-        """Generate a synthetic CT phantom and add it to the scene.
-
-        Returns (volumeNode, segmentationNode): the CT in Hounsfield units and a segmentation
-        with the "Liver" and "Liver tumor" segments, on the same grid.
-        """
-        import SimpleITK as sitk
-
-        from LiverTumorDARNLib.phantom import generate_case
-        from LiverTumorDARNSceneLib.scene import write_segments
-
-        if scene is None:
-            scene = slicer.mrmlScene
-        case = generate_case(seed, small=small)
-        name = f"LiverPhantom{seed}"
-
-        volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        self.setVolumeFromImage(volumeNode, case.image)
-        volumeNode.CreateDefaultDisplayNodes()
-
-        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} truth")
-        segmentationNode.CreateDefaultDisplayNodes()
-        write_segments(segmentationNode, volumeNode, sitk.GetArrayFromImage(case.labels))
-        return volumeNode, segmentationNode
-
-    @staticmethod
-    def setVolumeFromImage(volumeNode, image) -> None:
-        """Copy the voxels and the geometry of a SimpleITK image into a volume node."""
-        import SimpleITK as sitk
-
-        # SimpleITK's array is indexed (k, j, i), the same order as slicer.util.arrayFromVolume.
-        slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
-        ijkToLps = np.eye(4)
-        ijkToLps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-        ijkToLps[:3, 3] = image.GetOrigin()
-        lpsToRas = np.diag([-1.0, -1.0, 1.0, 1.0])
-        volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(lpsToRas @ ijkToLps))
 
 
 #

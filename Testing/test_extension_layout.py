@@ -82,6 +82,12 @@ def test_every_widget_the_module_uses_is_declared_in_the_ui_file():
     assert used <= declared, f"used as self.ui.<name> but not in {UI_FILE.name}: {sorted(used - declared)}"
 
 
+def test_the_sample_data_entry_has_its_thumbnail_in_the_modules_icons():
+    match = re.search(r'^SAMPLE_NAME = "(\w+)"', MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    assert match, "the module script names no SAMPLE_NAME"
+    assert (MODULE_DIR / "Resources" / "Icons" / f"{match.group(1)}.png").is_file()
+
+
 def test_the_module_script_compiles(tmp_path):
     py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
 

@@ -162,6 +162,17 @@ def test_a_volume_becomes_the_image_its_file_holds_flips_oblique_axes_and_origin
     np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(image))
 
 
+def test_a_phantom_case_becomes_a_volume_of_its_image_with_its_true_segments_voxel_for_voxel(mrml_scene):
+    case = generate_case(5, small=True)
+    volume, segmentation = logic.add_phantom_case(mrml_scene, 5, small=True)
+    converted = logic.image_from_volume(volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(case.image))
+    np.testing.assert_allclose(converted.GetDirection(), case.image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(converted.GetSpacing(), case.image.GetSpacing(), rtol=1e-9)
+    np.testing.assert_allclose(converted.GetOrigin(), case.image.GetOrigin(), atol=1e-9)
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), sitk.GetArrayFromImage(case.labels))
+
+
 def test_a_parent_transform_is_hardened_into_the_image_geometry(mrml_scene, phantom_file):
     volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
     converted = logic.image_from_volume(volume)

@@ -157,6 +157,35 @@ def image_from_volume(volume_node) -> sitk.Image:
     return image
 
 
+def set_volume_from_image(volume_node, image: sitk.Image) -> None:
+    """Voxels and geometry of a SimpleITK image (LPS) into a volume node: the inverse of
+    :func:`image_from_volume` for a volume without parent transform."""
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))  # [k, j, i] both
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    volume_node.SetIJKToRASMatrix(_matrix_from_array(RAS_TO_LPS @ ijk_to_lps))  # the flip is its own inverse
+
+
+def add_phantom_case(mrml_scene, seed: int, small: bool = False):
+    """The synthetic CT phantom of ``seed`` as a new volume node, with its true liver and tumors as
+    this module's segments in a new segmentation node; returns (volume node, segmentation node).
+
+    The phantom is drawn here from its seed (``phantom.generate_case``): nothing is downloaded.
+    """
+    from LiverTumorDARNLib.phantom import generate_case
+
+    case = generate_case(seed, small=small)
+    name = f"LiverPhantom{seed}"
+    volume_node = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    set_volume_from_image(volume_node, case.image)
+    volume_node.CreateDefaultDisplayNodes()
+    segmentation_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} truth")
+    segmentation_node.CreateDefaultDisplayNodes()
+    write_segments(segmentation_node, volume_node, sitk.GetArrayFromImage(case.labels))
+    return volume_node, segmentation_node
+
+
 def ras_to_ijk(volume_node, point_ras) -> tuple[int, int, int]:
     """The voxel index (i, j, k) of the volume that contains a world RAS point."""
     ras_to_ijk_matrix = np.linalg.inv(world_ijk_to_ras(volume_node))
