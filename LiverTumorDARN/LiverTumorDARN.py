@@ -265,6 +265,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled.")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            ensurePyTorch()
             ensurePythonRequirements()
             volumeNode = self._parameterNode.inputVolume
             if not volumeNode:
@@ -376,6 +377,8 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _submitEdit(self, edit) -> None:
         with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
+            ensurePyTorch()
+            ensurePythonRequirements()
             volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
             ct, labels = self.logic.editInputs(volume, segmentation)
             device, modelsFolder = self._parameterNode.device, self.modelsFolder()
@@ -417,39 +420,57 @@ def saveStateForUndo(segmentationNode, volumeNode) -> None:
     editor.saveStateForUndo()
 
 
-def ensurePythonRequirements() -> None:
-    """Install the packages listed in Resources/requirements.txt that are missing, after asking."""
-    import importlib
-    import importlib.metadata
-    import re
+def ensurePyTorch() -> None:
+    """Have the PyTorch extension install PyTorch (a build that fits this machine's GPU) if it is
+    missing, after the user agrees; the extension is a dependency of this one."""
+    from LiverTumorDARNSceneLib.dependencies import TORCH_REQUIREMENT
 
-    requirementsPath = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
     try:
-        # Slicer Preview releases from 2026 on. (Not "import slicer.packaging": that would make
-        # "slicer" a local name of this function.)
-        packaging = importlib.import_module("slicer.packaging")
-    except ImportError:
-        packaging = None
-    if packaging:
-        packaging.pip_ensure(packaging.load_requirements(requirementsPath), requester="Liver Tumor DARN")
-        return
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise RuntimeError(_("Liver Tumor DARN needs the PyTorch extension: install \"PyTorch\" from the "
+                             "Extensions Manager, restart Slicer and try again.")) from None
+    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+    if not torchLogic.torchInstalled() and torchLogic.installTorch(
+            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+        raise RuntimeError(_("PyTorch was not installed; Liver Tumor DARN needs it to segment."))
 
-    # Older Slicer: check the installed distributions, ask, then pip install what is missing.
-    with open(requirementsPath) as requirementsFile:
-        requirements = [line.strip() for line in requirementsFile if line.strip() and not line.startswith("#")]
-    missing = []
-    for requirement in requirements:
-        try:
-            importlib.metadata.distribution(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(requirement)
+
+def ensurePythonRequirements() -> None:
+    """Install the packages of Resources/requirements.txt that are missing, after asking once,
+    without replacing any package Slicer ships (see LiverTumorDARNSceneLib.dependencies)."""
+    from LiverTumorDARNSceneLib import dependencies
+
+    requirementsPath = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+    constraintsPath = dependencies.write_constraints(os.path.join(slicer.app.temporaryPath, "LiverTumorDARN-constraints.txt"))
+    packaging = slicerPipEnsureModule()
+    if packaging:
+        packaging.pip_ensure(packaging.load_requirements(requirementsPath), constraints=constraintsPath,
+                             requester="Liver Tumor DARN")
+        return
+    missing = dependencies.missing_requirements(dependencies.read_requirements(requirementsPath))
     if not missing:
         return
     if not slicer.util.confirmOkCancelDisplay(
         _("Liver Tumor DARN needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))
     ):
         raise RuntimeError(_("The required Python packages are not installed."))
-    slicer.util.pip_install(missing)
+    slicer.util.pip_install(missing + ["-c", str(constraintsPath)])
+
+
+def slicerPipEnsureModule():
+    """Slicer's module with pip_ensure and load_requirements (slicer.packaging, called slicer.pydeps
+    in some 5.11 previews), or None in releases that have neither."""
+    import importlib  # not "import slicer.packaging": that would make "slicer" a local name here
+
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
 
 
 #

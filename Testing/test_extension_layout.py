@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from LiverTumorDARNSceneLib import dependencies
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LiverTumorDARN"
 MODULE_SCRIPT = MODULE_DIR / "LiverTumorDARN.py"
@@ -143,18 +145,26 @@ def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
     assert not found, f"{path.name} imports {found}: the core must run without Slicer"
 
 
-SHIPPED_WITH_SLICER = {"numpy", "scipy", "simpleitk", "pydicom", "torch"}  # torch: the PyTorch extension
+SHIPPED_WITH_SLICER = {name.lower() for name in dependencies.SHIPPED_WITH_SLICER}
 COMMAND_LINE_ONLY = {"highdicom", "slicerio"}  # DICOM SEG and .seg.nrrd: inside Slicer, Slicer writes them
 
 
-def _requirement_names(lines) -> set[str]:
-    return {re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower()
-            for line in lines if line.strip() and not line.strip().startswith("#")}
+def _requirement_names(requirements) -> set[str]:
+    return {dependencies.requirement_name(requirement).lower() for requirement in requirements}
+
+
+def _core_dependencies() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_the_torch_version_asked_of_the_pytorch_extension_is_the_cores():
+    (torch,) = [line for line in _core_dependencies() if dependencies.requirement_name(line) == "torch"]
+    assert torch == "torch" + dependencies.TORCH_REQUIREMENT
 
 
 def test_slicer_requirements_are_the_core_dependencies_slicer_does_not_ship():
-    import tomllib
-
-    core = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    slicer_side = _requirement_names((ROOT / "LiverTumorDARN" / "Resources" / "requirements.txt").read_text().splitlines())
+    core = _requirement_names(_core_dependencies())
+    slicer_side = _requirement_names(dependencies.read_requirements(MODULE_DIR / "Resources" / "requirements.txt"))
     assert slicer_side == core - SHIPPED_WITH_SLICER - COMMAND_LINE_ONLY
