@@ -90,6 +90,22 @@ def test_the_sample_data_entry_has_its_thumbnail_in_the_modules_icons():
     assert (MODULE_DIR / "Resources" / "Icons" / f"{match.group(1)}.png").is_file()
 
 
+def test_the_readmes_panel_picture_is_drawn_from_the_current_ui_file():
+    """tools/draw_panel.py draws every widget class the .ui file uses, and the committed picture
+    has the height it draws now (a row added to the .ui file without redrawing would change it)."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("draw_panel", ROOT / "tools" / "draw_panel.py")
+    draw_panel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(draw_panel)
+    used = set(re.findall(r'<widget class="(\w+)"', UI_FILE.read_text())) - {"qMRMLWidget"}
+    assert used <= draw_panel.WIDGETS.keys(), f"draw_panel.py cannot draw {sorted(used - draw_panel.WIDGETS.keys())}"
+    with Image.open(draw_panel.OUTPUT) as committed:
+        assert draw_panel.draw_panel().size == committed.size, "redraw it: .venv/bin/python tools/draw_panel.py"
+
+
 def test_the_module_script_compiles(tmp_path):
     py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
 
