@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import pathlib
@@ -21,7 +22,7 @@ from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
 from LiverTumorDARNLib.phantom import SAMPLE_SEED
-from LiverTumorDARNLib.weights import CUSTOM, MODEL_SOURCES
+from LiverTumorDARNLib.weights import BUNDLED, CUSTOM, MODEL_SOURCES
 
 # The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package (plain
 # Python, tested without Slicer) and the scene work in LiverTumorDARNSceneLib.scene (tested in CI
@@ -34,7 +35,7 @@ STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done
 SAMPLE_NAME = "LiverTumorPhantom"
 SAMPLE_THUMBNAIL = os.path.join(MODULE_DIR, "Resources", "Icons", f"{SAMPLE_NAME}.png")
 SAMPLE_PLACEHOLDER_URI = f"file:///LiverTumorDARN/is-drawn-locally/{SAMPLE_NAME}.nrrd"
-"""The Sample Data module requires an address, but its button calls loadPhantomSample instead of
+"""The Sample Data module requires an address, but its button calls onPhantomSampleClicked instead of
 downloading. SampleData.downloadSample(), which ignores that, finds no such file and fails at once:
 no code path reaches the network. Scripts call loadPhantomSample()."""
 
@@ -83,12 +84,12 @@ def registerSampleData() -> None:
         fileNames=f"{SAMPLE_NAME}.nrrd",
         nodeNames=SAMPLE_NAME,
         thumbnailFileName=SAMPLE_THUMBNAIL,
-        customDownloader=lambda source: showPhantomSample(),
+        customDownloader=onPhantomSampleClicked,
     )
 
 
-def showPhantomSample() -> None:
-    """The Sample Data button: the phantom case, or a one-line error."""
+def onPhantomSampleClicked(source) -> None:
+    """The Sample Data module's button: the phantom case, or a one-line error."""
     with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
         loadPhantomSample()
 
@@ -134,7 +135,7 @@ class LiverTumorDARNParameterNode:
     perTumor: bool = False
     resultsTable: vtkMRMLTableNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = MODEL_SOURCES[0]
+    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = BUNDLED
     customModelsFolder: pathlib.Path
     phantomSeed: Annotated[int, Minimum(0)] = SAMPLE_SEED
 
@@ -265,18 +266,19 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled.")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            ensurePyTorch()
-            ensurePythonRequirements()
             volumeNode = self._parameterNode.inputVolume
             if not volumeNode:
                 raise ValueError(_("Select a CT volume first."))
+            modelsFolder = self.modelsFolder()
+            ensurePyTorch()
+            ensurePythonRequirements()
             if not self._parameterNode.outputSegmentation:
                 self._parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
                     "vtkMRMLSegmentationNode", volumeNode.GetName() + " liver and tumors")
                 self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
             self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
             self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
-                                                         self.modelsFolder())
+                                                         modelsFolder)
             threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.value = 0
@@ -369,21 +371,25 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         point = [0.0, 0.0, 0.0]
         caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1, point)
-        self._submitEdit(lambda refiner, ct, labels, volume: refiner.click(
-            ct, labels, self.logic.rasToIjk(volume, point), not self.ui.negativeCheckBox.checked))
+        positive = not self.ui.negativeCheckBox.checked
+        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.click(ct, labels, pointIjk, positive), point)
 
     def onRefineAllButton(self) -> None:
-        self._submitEdit(lambda refiner, ct, labels, volume: refiner.refine_all(ct, labels))
+        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.refine_all(ct, labels))
 
-    def _submitEdit(self, edit) -> None:
+    def _submitEdit(self, edit, pointRas=None) -> None:
+        """Run ``edit(refiner, ct, labels, pointIjk)`` on the click thread. Everything it needs from
+        the scene and the panel is read here, on the main thread: Qt widgets and MRML nodes must not
+        be touched from another thread."""
         with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
             ensurePyTorch()
             ensurePythonRequirements()
             volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
             ct, labels = self.logic.editInputs(volume, segmentation)
+            pointIjk = self.logic.rasToIjk(volume, pointRas) if pointRas is not None else None
             device, modelsFolder = self._parameterNode.device, self.modelsFolder()
             refiner = lambda: self.logic.refiner(device, modelsFolder)
-            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, volume)), volume, segmentation)
+            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, pointIjk)), volume, segmentation)
             self.ui.refineStatusLabel.text = _("Refining...")
             self._timer.start()
 
@@ -420,6 +426,7 @@ def saveStateForUndo(segmentationNode, volumeNode) -> None:
     editor.saveStateForUndo()
 
 
+@functools.cache  # once it has succeeded: it runs before every click
 def ensurePyTorch() -> None:
     """Have the PyTorch extension install PyTorch (a build that fits this machine's GPU) if it is
     missing, after the user agrees; the extension is a dependency of this one."""
@@ -436,6 +443,7 @@ def ensurePyTorch() -> None:
         raise RuntimeError(_("PyTorch was not installed; Liver Tumor DARN needs it to segment."))
 
 
+@functools.cache  # once it has succeeded: it runs before every click
 def ensurePythonRequirements() -> None:
     """Install the packages of Resources/requirements.txt that are missing, after asking once,
     without replacing any package Slicer ships (see LiverTumorDARNSceneLib.dependencies)."""
@@ -495,8 +503,8 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         return LiverTumorDARNParameterNode(super().getParameterNode())
 
     @staticmethod
-    def modelsDirectory(source: str = "bundled", customFolder: pathlib.Path = pathlib.Path()) -> pathlib.Path:
-        """The weights folder of a model choice ("bundled" or "custom"), its files checked."""
+    def modelsDirectory(source: str = BUNDLED, customFolder: pathlib.Path = pathlib.Path()) -> pathlib.Path:
+        """The weights folder of a model choice (BUNDLED or CUSTOM), its files checked."""
         from LiverTumorDARNLib.weights import chosen_models_dir
 
         return chosen_models_dir(source, customFolder)
@@ -568,38 +576,52 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverTumorDARNTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on a phantom."""
+    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on phantoms."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_segment_tumors_then_refine_all_through_the_panel()
+        self.test_segment_tumors_one_segment_each_then_refine_all_through_the_panel()
+        self.setUp()
+        self.test_the_sample_data_entry_draws_the_sample_phantom()
 
-    def test_segment_tumors_then_refine_all_through_the_panel(self):
+    def test_segment_tumors_one_segment_each_then_refine_all_through_the_panel(self):
+        from LiverTumorDARNSceneLib import scene
+
         self.delayDisplay("Loading a small phantom case")
         widget = slicer.modules.livertumordarn.widgetRepresentation().self()
-        volumeNode, truthNode = widget.logic.loadPhantomCase(seed=1, small=True)
+        volumeNode, truthNode = scene.add_phantom_case(slicer.mrmlScene, seed=1, small=True)
         userSegmentId = truthNode.GetSegmentation().AddEmptySegment("", "User note")
         widget._parameterNode.inputVolume = volumeNode
         widget._parameterNode.outputSegmentation = truthNode  # holds a user segment that must survive
         widget._parameterNode.device = "cpu"
+        widget._parameterNode.perTumor = True
 
         self.delayDisplay("Segment tumors (subprocess)")
         widget.onSegmentButton()
         while widget._process is not None:
             slicer.app.processEvents()
         segmentation = truthNode.GetSegmentation()
-        names = sorted(segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs())
-        self.assertEqual(names, ["Liver", "Liver tumor", "User note"])
-        self.assertIsNotNone(segmentation.GetSegment(userSegmentId))
-        table = widget._parameterNode.resultsTable
-        self.assertEqual(table.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
+        tumorNames = [segmentation.GetSegment(i).GetName() for i in scene.module_segment_ids(truthNode)["tumor"]]
+        self.assertEqual(tumorNames, [f"Liver tumor {n}" for n in range(1, len(widget.logic.lastReport.tumors) + 1)])
+        self.assertEqual(segmentation.GetSegment(userSegmentId).GetName(), "User note")
+        self.assertEqual(widget._parameterNode.resultsTable.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
 
         self.delayDisplay("Refine all tumors (click thread)")
         widget.onRefineAllButton()
         while widget._pendingEdit is not None:
             slicer.app.processEvents()
         self.assertTrue(widget.ui.refineStatusLabel.text.endswith("refined") or "no change" in widget.ui.refineStatusLabel.text)
+        self.delayDisplay("Test passed")
+
+    def test_the_sample_data_entry_draws_the_sample_phantom(self):
+        import SampleData
+
+        registerSampleData()
+        sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Liver Tumor DARN")
+        source = [s for s in sources if s.sampleName == SAMPLE_NAME][-1]  # the last one: "Reload" registers anew
+        source.customDownloader(source)
+        self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName(f"LiverPhantom{SAMPLE_SEED}"))
         self.delayDisplay("Test passed")

@@ -84,6 +84,16 @@ def test_every_widget_the_module_uses_is_declared_in_the_ui_file():
     assert used <= declared, f"used as self.ui.<name> but not in {UI_FILE.name}: {sorted(used - declared)}"
 
 
+def test_every_parameter_the_ui_file_binds_is_a_field_of_the_parameter_node():
+    """connectGui stops at a SlicerParameterName that the parameter node class does not declare."""
+    text = MODULE_SCRIPT.read_text()
+    body = text[text.index("class LiverTumorDARNParameterNode:"):text.index("class LiverTumorDARNWidget")]
+    fields = set(re.findall(r"^    (\w+): ", body, flags=re.MULTILINE))
+    bound = set(re.findall(r'name="SlicerParameterName"[^>]*>\s*<string>(\w+)</string>', UI_FILE.read_text()))
+    assert bound, "the .ui file binds no widget to the parameter node"
+    assert bound <= fields, f"bound in {UI_FILE.name} but not parameter node fields: {sorted(bound - fields)}"
+
+
 def test_the_sample_data_entry_has_its_thumbnail_in_the_modules_icons():
     match = re.search(r'^SAMPLE_NAME = "(\w+)"', MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
     assert match, "the module script names no SAMPLE_NAME"
