@@ -393,9 +393,11 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
     _replace_inside_box(segmentation_node, ids["liver"][0], labels[box] == LIVER, volume_node, box)
     tumor_ids = ids["tumor"]
     numbers = _tumor_numbers(segmentation_node, tumor_ids)
-    combined = numbers == [None]
+    if numbers == [None]:  # the one "Liver tumor" segment holds every tumor
+        _replace_inside_box(segmentation_node, tumor_ids[0], labels[box] == TUMOR, volume_node, box)
+        return
     owners_before = _exported_labels(segmentation_node, volume_node, tumor_ids)
-    owners_after = tumor_owners(labels, owners_before, box, len(tumor_ids), new_owner=1 if combined else None)
+    owners_after = tumor_owners(labels, owners_before, box, len(tumor_ids))
     first_new_number = max((n for n in numbers if n is not None), default=0) + 1
     new_lesions = range(int(owners_after.max()) - len(tumor_ids))
     tumor_ids += [_add_segment(segmentation_node, TUMOR_SEGMENT, first_new_number + n) for n in new_lesions]
@@ -405,8 +407,7 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
             _replace_inside_box(segmentation_node, segment_id, mask, volume_node, box)
 
 
-def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count: int,
-                 new_owner: int | None = None) -> np.ndarray:
+def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count: int) -> np.ndarray:
     """Which tumor segment each voxel inside ``box`` belongs to after an edit: 0 for no tumor, n for
     the n-th tumor segment, and past ``owner_count`` for new segments.
 
@@ -414,8 +415,8 @@ def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count
     edit changed ``labels`` inside ``box`` only. Each connected tumor (26-connected, looked at in the
     box and one voxel around it, where nothing changed) goes to the segment that held most of its
     voxels before: a refined tumor keeps its segment and the voxels it gained join it, and tumors
-    that grew into one join the larger. A tumor no segment held is a new lesion: it goes to
-    ``new_owner`` (the one combined tumor segment) or, when that is None, to a new segment.
+    that grew into one join the larger. A tumor no segment held is a new lesion: it gets a new
+    segment, numbered on from ``owner_count``.
     """
     window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
     components = cc3d.connected_components(labels[window] == TUMOR, connectivity=26).astype(np.int64)
@@ -426,7 +427,7 @@ def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count
     overlap[:, 0] = 0
     owner_of = overlap.argmax(axis=1)
     new_lesions = np.flatnonzero(owner_of == 0)[1:]  # index 0 is the background
-    owner_of[new_lesions] = new_owner or owner_count + 1 + np.arange(len(new_lesions))
+    owner_of[new_lesions] = owner_count + 1 + np.arange(len(new_lesions))
     owner_of[0] = 0
     inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
     return owner_of[components][inner]
