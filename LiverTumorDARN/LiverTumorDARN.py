@@ -1,23 +1,28 @@
+import functools
 import json
 import os
+import pathlib
 import queue
 import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
-import numpy as np
 import qt
 import vtk
 
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, Minimum, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+
+from LiverTumorDARNLib.phantom import SAMPLE_SEED
+from LiverTumorDARNLib.weights import BUNDLED, CUSTOM, MODEL_SOURCES
 
 # The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package (plain
 # Python, tested without Slicer) and the scene work in LiverTumorDARNSceneLib.scene (tested in CI
@@ -26,6 +31,13 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTabl
 MODULE_DIR = os.path.dirname(__file__)
 POLL_MILLISECONDS = 100
 STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
+
+SAMPLE_NAME = "LiverTumorPhantom"
+SAMPLE_THUMBNAIL = os.path.join(MODULE_DIR, "Resources", "Icons", f"{SAMPLE_NAME}.png")
+SAMPLE_PLACEHOLDER_URI = f"file:///LiverTumorDARN/is-drawn-locally/{SAMPLE_NAME}.nrrd"
+"""The Sample Data module requires an address, but its button calls onPhantomSampleClicked instead of
+downloading. SampleData.downloadSample(), which ignores that, finds no such file and fails at once:
+no code path reaches the network. Scripts call loadPhantomSample()."""
 
 
 #
@@ -57,6 +69,44 @@ The network follows Y. Zhang et al., "DARN: Deep Attentive Refinement Network fo
 Segmentation from 3D CT volume". Evaluation follows the Liver Tumor Segmentation Benchmark
 (LiTS): P. Bilic et al., "The Liver Tumor Segmentation Benchmark (LiTS)", Medical Image Analysis, 2023.
 """)
+        # The Sample Data module exists once the application has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """List the project's phantom case in the Sample Data module, with a thumbnail."""
+    import SampleData
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Liver Tumor DARN",
+        sampleName=SAMPLE_NAME,
+        uris=SAMPLE_PLACEHOLDER_URI,
+        fileNames=f"{SAMPLE_NAME}.nrrd",
+        nodeNames=SAMPLE_NAME,
+        thumbnailFileName=SAMPLE_THUMBNAIL,
+        customDownloader=onPhantomSampleClicked,
+    )
+
+
+def onPhantomSampleClicked(source) -> None:
+    """The Sample Data module's button: the phantom case, or a one-line error."""
+    with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
+        loadPhantomSample()
+
+
+def loadPhantomSample(seed: int = SAMPLE_SEED):
+    """Draw the phantom case of ``seed`` (the project's sample case by default), add it to the scene
+    with its true segments and show it; returns (volume node, segmentation node).
+
+    The Sample Data module and the panel's "Load phantom case" both come here, so they give the
+    same case the same way. Nothing is downloaded: the phantom is drawn from its seed.
+    """
+    from LiverTumorDARNSceneLib import scene
+
+    ensurePythonRequirements()
+    volumeNode, segmentationNode = scene.add_phantom_case(slicer.mrmlScene, seed)
+    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+    return volumeNode, segmentationNode
 
 
 #
@@ -70,17 +120,24 @@ class LiverTumorDARNParameterNode:
     The parameters of the module, saved with the scene.
 
     inputVolume - The CT volume to segment.
-    outputSegmentation - The segmentation that holds the "Liver" and "Liver tumor" segments.
+    outputSegmentation - The segmentation that holds the "Liver" and the tumor segments.
+    perTumor - One segment per tumor ("Liver tumor 1", "Liver tumor 2", ...) instead of one "Liver tumor".
     resultsTable - One row per tumor (volume, longest axial diameter, mean HU, centroid).
     device - "auto", "cpu" or "cuda".
-    phantomSeed - Seed of the synthetic phantom that "Load phantom case" generates.
+    modelSource - "bundled" (the weights shipped with the extension) or "custom" (customModelsFolder).
+    customModelsFolder - A weights folder: manifest.json and the TorchScript files it lists.
+    phantomSeed - Seed of the synthetic phantom that "Load phantom case" generates (default: the
+        sample case of the Sample Data module and of "livertumordarn demo").
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
+    perTumor: bool = False
     resultsTable: vtkMRMLTableNode
-    device: str = "auto"
-    phantomSeed: int = 0
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = BUNDLED
+    customModelsFolder: pathlib.Path
+    phantomSeed: Annotated[int, Minimum(0)] = SAMPLE_SEED
 
 
 #
@@ -145,6 +202,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelSegmentation()
@@ -165,18 +223,40 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
+            self.nameModelChoices()
+            self.onParameterNodeModified()
+
+    def nameModelChoices(self) -> None:
+        """Give the model choices readable names (connectGui fills the combo box with the bare
+        choices, "bundled" and "custom"), the bundled one saying which DARN it is."""
+        from LiverTumorDARNLib.weights import bundled_models_dir, describe_models
+
+        self.ui.modelComboBox.setItemText(0, _("Bundled: {models}").format(models=describe_models(bundled_models_dir())))
+        self.ui.modelComboBox.setItemText(1, _("Custom weights folder"))
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """The weights folder can be chosen only when the model is a custom one."""
+        custom = self._parameterNode.modelSource == CUSTOM
+        self.ui.modelsPathLabel.enabled = custom
+        self.ui.modelsPathLineEdit.enabled = custom
+
+    def modelsFolder(self) -> pathlib.Path:
+        """The weights folder the panel names, checked (a wrong one raises a one-line InputError)."""
+        return self.logic.modelsDirectory(self._parameterNode.modelSource, self._parameterNode.customModelsFolder)
 
     def onLoadPhantomButton(self) -> None:
+        """Load the phantom of the chosen seed and make it the input; its true segments stay in their
+        own node for comparison, and "Segment tumors" writes into a new segmentation."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
-            ensurePythonRequirements()
-            volumeNode, segmentationNode = self.logic.loadPhantomCase(self._parameterNode.phantomSeed)
+            volumeNode, _truthNode = loadPhantomSample(self._parameterNode.phantomSeed)
             self._parameterNode.inputVolume = volumeNode
-            self._parameterNode.outputSegmentation = segmentationNode
-            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            self._parameterNode.outputSegmentation = None
 
     # ---------------------------------------------------------------- "Segment tumors"
 
@@ -186,17 +266,19 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled.")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            ensurePythonRequirements()
             volumeNode = self._parameterNode.inputVolume
             if not volumeNode:
                 raise ValueError(_("Select a CT volume first."))
+            modelsFolder = self.modelsFolder()
+            ensurePyTorch()
+            ensurePythonRequirements()
             if not self._parameterNode.outputSegmentation:
                 self._parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
                     "vtkMRMLSegmentationNode", volumeNode.GetName() + " liver and tumors")
                 self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
             self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
             self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
-                                                         self.ui.modelsPathLineEdit.currentPath)
+                                                         modelsFolder)
             threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.value = 0
@@ -244,7 +326,8 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if returnCode != 0:
                     raise RuntimeError(error or _("The segmentation process stopped with status {code}.").format(code=returnCode))
                 report = self.logic.loadResult(labelsPath, self._parameterNode.inputVolume,
-                                               self._parameterNode.outputSegmentation, self._resultsTable())
+                                               self._parameterNode.outputSegmentation, self._resultsTable(),
+                                               self._parameterNode.perTumor)
                 self.showReport(report)
             finally:
                 self._finishSegmentation()
@@ -288,18 +371,25 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         point = [0.0, 0.0, 0.0]
         caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1, point)
-        self._submitEdit(lambda refiner, ct, labels, volume: refiner.click(
-            ct, labels, self.logic.rasToIjk(volume, point), not self.ui.negativeCheckBox.checked))
+        positive = not self.ui.negativeCheckBox.checked
+        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.click(ct, labels, pointIjk, positive), point)
 
     def onRefineAllButton(self) -> None:
-        self._submitEdit(lambda refiner, ct, labels, volume: refiner.refine_all(ct, labels))
+        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.refine_all(ct, labels))
 
-    def _submitEdit(self, edit) -> None:
+    def _submitEdit(self, edit, pointRas=None) -> None:
+        """Run ``edit(refiner, ct, labels, pointIjk)`` on the click thread. Everything it needs from
+        the scene and the panel is read here, on the main thread: Qt widgets and MRML nodes must not
+        be touched from another thread."""
         with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
+            ensurePyTorch()
+            ensurePythonRequirements()
             volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
             ct, labels = self.logic.editInputs(volume, segmentation)
-            refiner = lambda: self.logic.refiner(self._parameterNode.device, self.ui.modelsPathLineEdit.currentPath)
-            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, volume)), volume, segmentation)
+            pointIjk = self.logic.rasToIjk(volume, pointRas) if pointRas is not None else None
+            device, modelsFolder = self._parameterNode.device, self.modelsFolder()
+            refiner = lambda: self.logic.refiner(device, modelsFolder)
+            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, pointIjk)), volume, segmentation)
             self.ui.refineStatusLabel.text = _("Refining...")
             self._timer.start()
 
@@ -336,39 +426,59 @@ def saveStateForUndo(segmentationNode, volumeNode) -> None:
     editor.saveStateForUndo()
 
 
-def ensurePythonRequirements() -> None:
-    """Install the packages listed in Resources/requirements.txt that are missing, after asking."""
-    import importlib
-    import importlib.metadata
-    import re
+@functools.cache  # once it has succeeded: it runs before every click
+def ensurePyTorch() -> None:
+    """Have the PyTorch extension install PyTorch (a build that fits this machine's GPU) if it is
+    missing, after the user agrees; the extension is a dependency of this one."""
+    from LiverTumorDARNSceneLib.dependencies import TORCH_REQUIREMENT
 
-    requirementsPath = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
     try:
-        # Slicer Preview releases from 2026 on. (Not "import slicer.packaging": that would make
-        # "slicer" a local name of this function.)
-        packaging = importlib.import_module("slicer.packaging")
-    except ImportError:
-        packaging = None
-    if packaging:
-        packaging.pip_ensure(packaging.load_requirements(requirementsPath), requester="Liver Tumor DARN")
-        return
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise RuntimeError(_("Liver Tumor DARN needs the PyTorch extension: install \"PyTorch\" from the "
+                             "Extensions Manager, restart Slicer and try again.")) from None
+    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+    if not torchLogic.torchInstalled() and torchLogic.installTorch(
+            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+        raise RuntimeError(_("PyTorch was not installed; Liver Tumor DARN needs it to segment."))
 
-    # Older Slicer: check the installed distributions, ask, then pip install what is missing.
-    with open(requirementsPath) as requirementsFile:
-        requirements = [line.strip() for line in requirementsFile if line.strip() and not line.startswith("#")]
-    missing = []
-    for requirement in requirements:
-        try:
-            importlib.metadata.distribution(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(requirement)
+
+@functools.cache  # once it has succeeded: it runs before every click
+def ensurePythonRequirements() -> None:
+    """Install the packages of Resources/requirements.txt that are missing, after asking once,
+    without replacing any package Slicer ships (see LiverTumorDARNSceneLib.dependencies)."""
+    from LiverTumorDARNSceneLib import dependencies
+
+    requirementsPath = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+    constraintsPath = dependencies.write_constraints(os.path.join(slicer.app.temporaryPath, "LiverTumorDARN-constraints.txt"))
+    packaging = slicerPipEnsureModule()
+    if packaging:
+        packaging.pip_ensure(packaging.load_requirements(requirementsPath), constraints=constraintsPath,
+                             requester="Liver Tumor DARN")
+        return
+    missing = dependencies.missing_requirements(dependencies.read_requirements(requirementsPath))
     if not missing:
         return
     if not slicer.util.confirmOkCancelDisplay(
         _("Liver Tumor DARN needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))
     ):
         raise RuntimeError(_("The required Python packages are not installed."))
-    slicer.util.pip_install(missing)
+    slicer.util.pip_install(missing + ["-c", str(constraintsPath)])
+
+
+def slicerPipEnsureModule():
+    """Slicer's module with pip_ensure and load_requirements (slicer.packaging, called slicer.pydeps
+    in some 5.11 previews), or None in releases that have neither."""
+    import importlib  # not "import slicer.packaging": that would make "slicer" a local name here
+
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
 
 
 #
@@ -393,14 +503,13 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         return LiverTumorDARNParameterNode(super().getParameterNode())
 
     @staticmethod
-    def modelsDirectory(path: str = ""):
-        from pathlib import Path
+    def modelsDirectory(source: str = BUNDLED, customFolder: pathlib.Path = pathlib.Path()) -> pathlib.Path:
+        """The weights folder of a model choice (BUNDLED or CUSTOM), its files checked."""
+        from LiverTumorDARNLib.weights import chosen_models_dir
 
-        from LiverTumorDARNLib.weights import bundled_models_dir
+        return chosen_models_dir(source, customFolder)
 
-        return Path(path) if path else bundled_models_dir()
-
-    def startSegmentation(self, volumeNode, workFolder: str, device: str = "auto", modelsPath: str = ""):
+    def startSegmentation(self, volumeNode, workFolder: str, device: str, modelsFolder: pathlib.Path):
         """Write the CT (world geometry) to ``workFolder`` and start the worker process on it."""
         import SimpleITK as sitk
 
@@ -412,30 +521,30 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         if not pythonSlicer:
             raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
         command = [pythonSlicer, "-m", "LiverTumorDARNSceneLib.worker", ctPath, os.path.join(workFolder, "labels.nrrd"),
-                   "--models", str(self.modelsDirectory(modelsPath)), "--device", device]
+                   "--models", str(modelsFolder), "--device", device]
         environment = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
         return slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
 
-    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode):
+    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode, perTumor: bool = False):
         """The worker's label map into the module's segments and the results table."""
         import SimpleITK as sitk
 
         from LiverTumorDARNSceneLib import scene
 
         labels = sitk.GetArrayFromImage(sitk.ReadImage(labelsPath))
-        scene.write_segments(segmentationNode, volumeNode, labels)
+        scene.write_segments(segmentationNode, volumeNode, labels, perTumor)
         self.lastReport = scene.measure(scene.image_from_volume(volumeNode), labels)
         scene.write_results_table(tableNode, self.lastReport)
         return self.lastReport
 
-    def refiner(self, device: str = "auto", modelsPath: str = ""):
+    def refiner(self, device: str, modelsFolder: pathlib.Path):
         """The refinement network, loaded once per device and weights folder (on the click thread)."""
         from LiverTumorDARNLib.pipeline import resolve_device
         from LiverTumorDARNLib.refine import Refiner
 
-        key = (device, modelsPath)
+        key = (device, modelsFolder)
         if self._refiner is None or self._refinerKey != key:
-            self._refiner = Refiner.load(self.modelsDirectory(modelsPath), resolve_device(device))
+            self._refiner = Refiner.load(modelsFolder, resolve_device(device))
             self._refinerKey = key
         return self._refiner
 
@@ -460,44 +569,6 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
         self.lastReport = scene.measure(scene.image_from_volume(volumeNode), change.labels)
         scene.write_results_table(tableNode, self.lastReport)
 
-    def loadPhantomCase(self, seed: int, small: bool = False, scene=None):
-        """Generate a synthetic CT phantom and add it to the scene.
-
-        Returns (volumeNode, segmentationNode): the CT in Hounsfield units and a segmentation
-        with the "Liver" and "Liver tumor" segments, on the same grid.
-        """
-        import SimpleITK as sitk
-
-        from LiverTumorDARNLib.phantom import generate_case
-        from LiverTumorDARNSceneLib.scene import write_segments
-
-        if scene is None:
-            scene = slicer.mrmlScene
-        case = generate_case(seed, small=small)
-        name = f"LiverPhantom{seed}"
-
-        volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        self.setVolumeFromImage(volumeNode, case.image)
-        volumeNode.CreateDefaultDisplayNodes()
-
-        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} truth")
-        segmentationNode.CreateDefaultDisplayNodes()
-        write_segments(segmentationNode, volumeNode, sitk.GetArrayFromImage(case.labels))
-        return volumeNode, segmentationNode
-
-    @staticmethod
-    def setVolumeFromImage(volumeNode, image) -> None:
-        """Copy the voxels and the geometry of a SimpleITK image into a volume node."""
-        import SimpleITK as sitk
-
-        # SimpleITK's array is indexed (k, j, i), the same order as slicer.util.arrayFromVolume.
-        slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
-        ijkToLps = np.eye(4)
-        ijkToLps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-        ijkToLps[:3, 3] = image.GetOrigin()
-        lpsToRas = np.diag([-1.0, -1.0, 1.0, 1.0])
-        volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(lpsToRas @ ijkToLps))
-
 
 #
 # LiverTumorDARNTest
@@ -505,38 +576,52 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverTumorDARNTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on a phantom."""
+    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on phantoms."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_segment_tumors_then_refine_all_through_the_panel()
+        self.test_segment_tumors_one_segment_each_then_refine_all_through_the_panel()
+        self.setUp()
+        self.test_the_sample_data_entry_draws_the_sample_phantom()
 
-    def test_segment_tumors_then_refine_all_through_the_panel(self):
+    def test_segment_tumors_one_segment_each_then_refine_all_through_the_panel(self):
+        from LiverTumorDARNSceneLib import scene
+
         self.delayDisplay("Loading a small phantom case")
         widget = slicer.modules.livertumordarn.widgetRepresentation().self()
-        volumeNode, truthNode = widget.logic.loadPhantomCase(seed=1, small=True)
+        volumeNode, truthNode = scene.add_phantom_case(slicer.mrmlScene, seed=1, small=True)
         userSegmentId = truthNode.GetSegmentation().AddEmptySegment("", "User note")
         widget._parameterNode.inputVolume = volumeNode
         widget._parameterNode.outputSegmentation = truthNode  # holds a user segment that must survive
         widget._parameterNode.device = "cpu"
+        widget._parameterNode.perTumor = True
 
         self.delayDisplay("Segment tumors (subprocess)")
         widget.onSegmentButton()
         while widget._process is not None:
             slicer.app.processEvents()
         segmentation = truthNode.GetSegmentation()
-        names = sorted(segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs())
-        self.assertEqual(names, ["Liver", "Liver tumor", "User note"])
-        self.assertIsNotNone(segmentation.GetSegment(userSegmentId))
-        table = widget._parameterNode.resultsTable
-        self.assertEqual(table.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
+        tumorNames = [segmentation.GetSegment(i).GetName() for i in scene.module_segment_ids(truthNode)["tumor"]]
+        self.assertEqual(tumorNames, [f"Liver tumor {n}" for n in range(1, len(widget.logic.lastReport.tumors) + 1)])
+        self.assertEqual(segmentation.GetSegment(userSegmentId).GetName(), "User note")
+        self.assertEqual(widget._parameterNode.resultsTable.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
 
         self.delayDisplay("Refine all tumors (click thread)")
         widget.onRefineAllButton()
         while widget._pendingEdit is not None:
             slicer.app.processEvents()
         self.assertTrue(widget.ui.refineStatusLabel.text.endswith("refined") or "no change" in widget.ui.refineStatusLabel.text)
+        self.delayDisplay("Test passed")
+
+    def test_the_sample_data_entry_draws_the_sample_phantom(self):
+        import SampleData
+
+        registerSampleData()
+        sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory("Liver Tumor DARN")
+        source = [s for s in sources if s.sampleName == SAMPLE_NAME][-1]  # the last one: "Reload" registers anew
+        source.customDownloader(source)
+        self.assertIsNotNone(slicer.mrmlScene.GetFirstNodeByName(f"LiverPhantom{SAMPLE_SEED}"))
         self.delayDisplay("Test passed")

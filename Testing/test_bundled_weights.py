@@ -1,6 +1,6 @@
 """The bundled weights, as a fresh clone runs them: `livertumordarn demo` on CPU.
 
-The demo segments its sample phantom (seed 850000, never trained on: see demo.DEMO_SEED) and
+The demo segments its sample phantom (seed 850000, never trained on: see phantom.SAMPLE_SEED) and
 prints the Dice against the known truth. The floors sit well below what the weights score (the
 README's benchmark table), so these tests catch broken weights, a broken pipeline or a wrong
 orientation, not a change of a few hundredths.

@@ -8,11 +8,16 @@ every core test still passes. These tests catch that here.
 from __future__ import annotations
 
 import json
+import os
 import py_compile
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from LiverTumorDARNSceneLib import dependencies
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LiverTumorDARN"
@@ -79,8 +84,53 @@ def test_every_widget_the_module_uses_is_declared_in_the_ui_file():
     assert used <= declared, f"used as self.ui.<name> but not in {UI_FILE.name}: {sorted(used - declared)}"
 
 
+def test_every_parameter_the_ui_file_binds_is_a_field_of_the_parameter_node():
+    """connectGui stops at a SlicerParameterName that the parameter node class does not declare."""
+    text = MODULE_SCRIPT.read_text()
+    body = text[text.index("class LiverTumorDARNParameterNode:"):text.index("class LiverTumorDARNWidget")]
+    fields = set(re.findall(r"^    (\w+): ", body, flags=re.MULTILINE))
+    bound = set(re.findall(r'name="SlicerParameterName"[^>]*>\s*<string>(\w+)</string>', UI_FILE.read_text()))
+    assert bound, "the .ui file binds no widget to the parameter node"
+    assert bound <= fields, f"bound in {UI_FILE.name} but not parameter node fields: {sorted(bound - fields)}"
+
+
+def test_the_sample_data_entry_has_its_thumbnail_in_the_modules_icons():
+    match = re.search(r'^SAMPLE_NAME = "(\w+)"', MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    assert match, "the module script names no SAMPLE_NAME"
+    assert (MODULE_DIR / "Resources" / "Icons" / f"{match.group(1)}.png").is_file()
+
+
+def test_the_readmes_panel_picture_is_drawn_from_the_current_ui_file():
+    """tools/draw_panel.py draws every widget class the .ui file uses, and the committed picture
+    has the height it draws now (a row added to the .ui file without redrawing would change it)."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("draw_panel", ROOT / "tools" / "draw_panel.py")
+    draw_panel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(draw_panel)
+    used = set(re.findall(r'<widget class="(\w+)"', UI_FILE.read_text())) - {"qMRMLWidget"}
+    assert used <= draw_panel.WIDGETS.keys(), f"draw_panel.py cannot draw {sorted(used - draw_panel.WIDGETS.keys())}"
+    with Image.open(draw_panel.OUTPUT) as committed:
+        assert draw_panel.draw_panel().size == committed.size, "redraw it: .venv/bin/python tools/draw_panel.py"
+
+
 def test_the_module_script_compiles(tmp_path):
     py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
+
+
+def test_the_module_script_loads_before_its_first_use_installs_torch_and_the_pip_packages():
+    """Slicer imports every module at start-up, when torch (PyTorch extension) and the pip
+    requirements may not be installed yet: what the script imports at its top must not need them."""
+    imported = re.findall(r"^from (LiverTumorDARNLib\.\w+) import", MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    assert imported, "the check needs the script's top-level imports of the core"
+    installed_on_first_use = {"torch", "cc3d", "tqdm"}
+    code = "; ".join(["import sys", *(f"import {name}" for name in imported),
+                      f"print(sorted({installed_on_first_use!r} & sys.modules.keys()))"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_extension_project_name_matches_the_index_entry_file_name():
@@ -121,18 +171,26 @@ def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
     assert not found, f"{path.name} imports {found}: the core must run without Slicer"
 
 
-SHIPPED_WITH_SLICER = {"numpy", "scipy", "simpleitk", "pydicom", "torch"}  # torch: the PyTorch extension
+SHIPPED_WITH_SLICER = {name.lower() for name in dependencies.SHIPPED_WITH_SLICER}
 COMMAND_LINE_ONLY = {"highdicom", "slicerio"}  # DICOM SEG and .seg.nrrd: inside Slicer, Slicer writes them
 
 
-def _requirement_names(lines) -> set[str]:
-    return {re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower()
-            for line in lines if line.strip() and not line.strip().startswith("#")}
+def _requirement_names(requirements) -> set[str]:
+    return {dependencies.requirement_name(requirement).lower() for requirement in requirements}
+
+
+def _core_dependencies() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def test_the_torch_version_asked_of_the_pytorch_extension_is_the_cores():
+    (torch,) = [line for line in _core_dependencies() if dependencies.requirement_name(line) == "torch"]
+    assert torch == "torch" + dependencies.TORCH_REQUIREMENT
 
 
 def test_slicer_requirements_are_the_core_dependencies_slicer_does_not_ship():
-    import tomllib
-
-    core = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    slicer_side = _requirement_names((ROOT / "LiverTumorDARN" / "Resources" / "requirements.txt").read_text().splitlines())
+    core = _requirement_names(_core_dependencies())
+    slicer_side = _requirement_names(dependencies.read_requirements(MODULE_DIR / "Resources" / "requirements.txt"))
     assert slicer_side == core - SHIPPED_WITH_SLICER - COMMAND_LINE_ONLY

@@ -8,6 +8,7 @@ file's and the command line's result on the file is the expected answer, voxel f
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -79,6 +80,16 @@ def segment_labels(segmentation_node, volume_node, segment_ids) -> np.ndarray:
     return slicer.util.arrayFromVolume(labelmap).copy()
 
 
+def segment_masks(segmentation_node, volume_node, segment_ids) -> list[np.ndarray]:
+    """Each segment exported alone: its voxels on the volume's grid."""
+    return [segment_labels(segmentation_node, volume_node, [segment_id]) > 0 for segment_id in segment_ids]
+
+
+def segment_names(segmentation_node) -> list[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs()]
+
+
 def ijk_to_ras(image: sitk.Image, ijk) -> tuple[float, float, float]:
     x, y, z = image.TransformIndexToPhysicalPoint(tuple(int(v) for v in ijk))
     return -x, -y, z
@@ -127,6 +138,15 @@ def segmented(mrml_scene, phantom_file, models_dir):
     return volume, segmentation
 
 
+@pytest.fixture
+def segmented_per_tumor(mrml_scene, phantom_file, models_dir):
+    """As ``segmented``, with one segment per tumor."""
+    volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
+    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU, per_tumor=True)
+    return volume, segmentation
+
+
 # ------------------------------------------------------------------------------ geometry
 
 
@@ -140,6 +160,17 @@ def test_a_volume_becomes_the_image_its_file_holds_flips_oblique_axes_and_origin
     np.testing.assert_allclose(converted.GetSpacing(), image.GetSpacing(), rtol=1e-9)
     np.testing.assert_allclose(converted.GetOrigin(), ORIGIN, atol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(image))
+
+
+def test_a_phantom_case_becomes_a_volume_of_its_image_with_its_true_segments_voxel_for_voxel(mrml_scene):
+    case = generate_case(5, small=True)
+    volume, segmentation = logic.add_phantom_case(mrml_scene, 5, small=True)
+    converted = logic.image_from_volume(volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(case.image))
+    np.testing.assert_allclose(converted.GetDirection(), case.image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(converted.GetSpacing(), case.image.GetSpacing(), rtol=1e-9)
+    np.testing.assert_allclose(converted.GetOrigin(), case.image.GetOrigin(), atol=1e-9)
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), sitk.GetArrayFromImage(case.labels))
 
 
 def test_a_parent_transform_is_hardened_into_the_image_geometry(mrml_scene, phantom_file):
@@ -171,15 +202,15 @@ def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, co
     volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
     assert {LIVER, TUMOR} <= set(np.unique(command_line_labels)), "the fixture should give both labels"
-    np.testing.assert_array_equal(segment_labels(segmentation, volume, [ids["liver"], ids["tumor"]]),
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, ids["liver"] + ids["tumor"]),
                                   command_line_labels)
 
 
 def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmented):
     _volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
-    liver = segmentation.GetSegmentation().GetSegment(ids["liver"])
-    tumor = segmentation.GetSegmentation().GetSegment(ids["tumor"])
+    liver = segmentation.GetSegmentation().GetSegment(ids["liver"][0])
+    tumor = segmentation.GetSegmentation().GetSegment(ids["tumor"][0])
     assert (liver.GetName(), tumor.GetName()) == ("Liver", "Liver tumor")
     np.testing.assert_allclose(liver.GetColor(), (221 / 255, 130 / 255, 101 / 255))
     assert liver.GetTerminology() == LIVER_TERMINOLOGY
@@ -205,8 +236,53 @@ def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(segmented, mod
     assert sorted(names) == ["Liver", "Liver tumor", "My note"]
     np.testing.assert_array_equal(segment_labels(segmentation, volume, [user_id]), users)
     ids = logic.module_segment_ids(segmentation)
-    np.testing.assert_array_equal(segment_labels(segmentation, volume, [ids["liver"], ids["tumor"]]),
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, ids["liver"] + ids["tumor"]),
                                   command_line_labels)
+
+
+def test_per_tumor_segments_are_the_command_lines_connected_tumors_voxel_for_voxel(segmented_per_tumor,
+                                                                                   command_line_labels):
+    volume, segmentation = segmented_per_tumor
+    ids = logic.module_segment_ids(segmentation)
+    tumors = cc3d.connected_components(command_line_labels == TUMOR, connectivity=26)
+    assert tumors.max() >= 2, "the fixture should give several tumors"
+    masks = segment_masks(segmentation, volume, ids["tumor"])
+    covered = [np.unique(tumors[mask]) for mask in masks]
+    assert all(len(numbers) == 1 and numbers[0] > 0 for numbers in covered), "each segment is one whole tumor"
+    for mask, (number,) in zip(masks, covered):
+        np.testing.assert_array_equal(mask, tumors == number)
+    assert sorted(number for (number,) in covered) == list(range(1, tumors.max() + 1))
+    np.testing.assert_array_equal(segment_masks(segmentation, volume, ids["liver"])[0], command_line_labels == LIVER)
+
+
+def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and_shades_of_its_colour(segmented_per_tumor):
+    volume, segmentation = segmented_per_tumor
+    tumor_ids = logic.module_segment_ids(segmentation)["tumor"]
+    segments = [segmentation.GetSegmentation().GetSegment(i) for i in tumor_ids]
+    sizes = [mask.sum() for mask in segment_masks(segmentation, volume, tumor_ids)]
+    assert [s.GetName() for s in segments] == [f"Liver tumor {n}" for n in range(1, len(segments) + 1)]
+    assert sizes == sorted(sizes, reverse=True)
+    assert {s.GetTerminology() for s in segments} == {TUMOR_TERMINOLOGY}
+    assert {logic._tag(s, logic.ROLE_TAG) for s in segments} == {"tumor"}
+    np.testing.assert_allclose(segments[0].GetColor(), (144 / 255, 238 / 255, 144 / 255))
+    assert len({s.GetColor() for s in segments[:2]}) == 2, "neighbouring numbers have different shades"
+
+
+def test_a_rerun_per_tumor_replaces_the_module_segments_and_keeps_the_users(segmented, models_dir,
+                                                                             command_line_labels):
+    volume, segmentation = segmented
+    users = np.zeros(command_line_labels.shape, np.uint8)
+    users[10:20, 30:60, 30:60] = 1
+    user_id = segmentation.GetSegmentation().AddEmptySegment("", "My note", (0.0, 0.0, 1.0))
+    logic._replace_segment(segmentation, user_id, users, volume)
+
+    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU, per_tumor=True)
+
+    tumor_count = cc3d.connected_components(command_line_labels == TUMOR, connectivity=26).max()
+    assert sorted(segment_names(segmentation)) == sorted(
+        ["Liver", "My note"] + [f"Liver tumor {n}" for n in range(1, tumor_count + 1)])
+    np.testing.assert_array_equal(segment_labels(segmentation, volume, [user_id]), users)
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), command_line_labels)
 
 
 def test_labels_read_back_from_the_segments_are_those_written(mrml_scene, phantom_file):
@@ -285,6 +361,92 @@ def test_refine_all_refines_every_tumor(two_tumors):
     after = logic.labels_from_segments(segmentation, volume)
     assert change.message == "2 tumors refined"
     assert dice(after == TUMOR, truth == TUMOR) > dice(shrunk(truth) == TUMOR, truth == TUMOR) + 0.05
+
+
+# ------------------------------------------------------------------------------ clicks, one segment per tumor
+
+
+FIRST_TUMOR, SECOND_TUMOR = (14, 14, 6), (36, 36, 14)
+
+
+def halves(shape) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of the ``two_tumors`` volume that hold the first and the second tumor ([k, j, i])."""
+    first, second = np.zeros(shape, bool), np.zeros(shape, bool)
+    first[:, :25, :25], second[:, 25:, 25:] = True, True
+    return first, second
+
+
+def tumor_segment_at(segmentation, volume, ijk) -> str:
+    """The id of the tumor segment that holds voxel (i, j, k)."""
+    ids = logic.module_segment_ids(segmentation)["tumor"]
+    (found,) = [i for i, mask in zip(ids, segment_masks(segmentation, volume, ids)) if mask[ijk[::-1]]]
+    return found
+
+
+def labelmap_mtime(segmentation, segment_id) -> int:
+    return segmentation.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap").GetMTime()
+
+
+@pytest.fixture
+def two_tumor_segments(two_tumors):
+    """``two_tumors`` with one segment per tumor."""
+    ct, truth, volume, segmentation = two_tumors
+    logic.write_segments(segmentation, volume, shrunk(truth), per_tumor=True)
+    return ct, truth, volume, segmentation
+
+
+def test_a_click_in_per_tumor_mode_rewrites_the_clicked_tumors_segment_and_no_other(two_tumor_segments):
+    ct, truth, volume, segmentation = two_tumor_segments
+    clicked, other = (tumor_segment_at(segmentation, volume, ijk) for ijk in (FIRST_TUMOR, SECOND_TUMOR))
+    other_before, other_mtime = segment_masks(segmentation, volume, [other])[0], labelmap_mtime(segmentation, other)
+    expected = Refiner(Bright(), CPU).click(ct, shrunk(truth), FIRST_TUMOR)
+
+    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, FIRST_TUMOR))
+
+    first, _second = halves(truth.shape)
+    np.testing.assert_array_equal(segment_masks(segmentation, volume, [clicked])[0], (expected.labels == TUMOR) & first)
+    np.testing.assert_array_equal(segment_masks(segmentation, volume, [other])[0], other_before)
+    assert labelmap_mtime(segmentation, other) == other_mtime, "the other tumor's segment was rewritten"
+
+
+@pytest.mark.parametrize("per_tumor, names", [(False, ["Liver", "Liver tumor"]),
+                                              (True, ["Liver", "Liver tumor 1", "Liver tumor 2"])])
+def test_a_lesion_added_by_a_click_joins_the_tumor_segment_or_gets_its_own(two_tumors, per_tumor, names):
+    ct, truth, volume, segmentation = two_tumors
+    missed = shrunk(truth)
+    missed[(missed == TUMOR) & halves(truth.shape)[1]] = LIVER
+    logic.write_segments(segmentation, volume, missed, per_tumor=per_tumor)
+
+    change = logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, SECOND_TUMOR))
+
+    assert change.message == "lesion added"
+    assert segment_names(segmentation) == names
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), change.labels)
+    new_segment = tumor_segment_at(segmentation, volume, SECOND_TUMOR)
+    assert segmentation.GetSegmentation().GetSegment(new_segment).GetName() == names[-1]
+
+
+def test_a_negative_click_in_per_tumor_mode_leaves_the_removed_tumors_segment_empty(two_tumor_segments):
+    ct, _truth, volume, segmentation = two_tumor_segments
+    removed, kept = (tumor_segment_at(segmentation, volume, ijk) for ijk in (FIRST_TUMOR, SECOND_TUMOR))
+    kept_before = segment_masks(segmentation, volume, [kept])[0]
+
+    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, FIRST_TUMOR), positive=False)
+
+    assert set(logic.module_segment_ids(segmentation)["tumor"]) == {removed, kept}
+    assert not segment_masks(segmentation, volume, [removed])[0].any()
+    np.testing.assert_array_equal(segment_masks(segmentation, volume, [kept])[0], kept_before)
+
+
+def test_refine_all_in_per_tumor_mode_keeps_each_tumor_in_its_own_segment(two_tumor_segments):
+    ct, truth, volume, segmentation = two_tumor_segments
+    segments = [tumor_segment_at(segmentation, volume, ijk) for ijk in (FIRST_TUMOR, SECOND_TUMOR)]
+
+    change = logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+
+    for segment_id, half in zip(segments, halves(truth.shape)):
+        np.testing.assert_array_equal(segment_masks(segmentation, volume, [segment_id])[0],
+                                      (change.labels == TUMOR) & half)
 
 
 # ------------------------------------------------------------------------------ results

@@ -1,6 +1,7 @@
 """Bundled weights: export from a checkpoint, manifest bookkeeping, and the checksum gate before loading."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.training import save_checkpoint
 from LiverTumorDARNLib.weights import (
-    INTENDED_USE, bundled_models_dir, export_checkpoint, load_manifest, load_model,
+    BUNDLED, CUSTOM, INTENDED_USE, bundled_models_dir, chosen_models_dir, describe_models, export_checkpoint,
+    load_manifest, load_model,
 )
 
 TINY_ARCHITECTURE = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1,
@@ -134,3 +136,45 @@ def test_an_unknown_model_name_lists_the_available_ones(trained, tmp_path):
 def test_bundled_models_live_in_the_extensions_resources():
     assert bundled_models_dir().parts[-3:] == ("LiverTumorDARN", "Resources", "Models")
     assert bundled_models_dir().is_dir()
+
+
+# ------------------------------------------------------------------------------ the Slicer panel's model choice
+
+
+def test_choosing_the_bundled_weights_gives_the_bundled_folder():
+    assert chosen_models_dir(BUNDLED) == bundled_models_dir()
+
+
+def test_choosing_a_custom_folder_gives_that_folder_once_its_weights_check_out(models_dir):
+    assert chosen_models_dir(CUSTOM, str(models_dir)) == models_dir
+
+
+@pytest.mark.parametrize("custom_dir", ["", "."])
+def test_choosing_custom_weights_without_a_folder_asks_for_one(custom_dir):
+    with pytest.raises(InputError, match="no custom weights folder chosen"):
+        chosen_models_dir(CUSTOM, custom_dir)
+
+
+def test_a_custom_folder_without_a_manifest_is_refused_in_one_line(tmp_path):
+    with pytest.raises(InputError, match="no weights manifest") as refusal:
+        chosen_models_dir(CUSTOM, tmp_path)
+    assert "\n" not in str(refusal.value)
+
+
+def test_a_custom_folder_without_a_segmentation_stage_names_what_it_has(trained, tmp_path):
+    checkpoint, _ = trained
+    export_checkpoint(checkpoint, tmp_path / "models")
+    with pytest.raises(InputError, match="no model 'liver'; it lists tumor"):
+        chosen_models_dir(CUSTOM, tmp_path / "models")
+
+
+def test_a_custom_folder_with_a_changed_weights_file_is_refused_before_any_segmentation(models_dir, tmp_path):
+    folder = shutil.copytree(models_dir, tmp_path / "models")
+    with open(folder / "darn-tumor.pt", "ab") as weights_file:
+        weights_file.write(b"\0")
+    with pytest.raises(InputError, match="darn-tumor.pt: checksum mismatch"):
+        chosen_models_dir(CUSTOM, folder)
+
+
+def test_a_weights_folder_is_described_by_the_papers_name_of_its_darn_order(models_dir):
+    assert describe_models(models_dir) == "DARN Spa+Sem"  # the test weights are spa_sem

@@ -1,12 +1,15 @@
-"""Draw the README's pictures, the extension icon and the Extensions Index screenshot.
+"""Draw the README's pictures, the extension icon, the Sample Data thumbnail and the Extensions
+Index screenshot.
 
-    .venv/bin/python tools/make_pictures.py
+    .venv/bin/python tools/make_pictures.py [gallery] [icons] [demo]
 
-Everything is drawn from phantoms with fixed seeds, so the pictures are reproducible; the demo
-picture is the one `livertumordarn demo` writes with the bundled weights (on the CPU).
+Without arguments it draws them all. Everything is drawn from phantoms with fixed seeds, so the
+pictures are reproducible; the demo picture is the one `livertumordarn demo` writes with the
+bundled weights (on the CPU, a few minutes).
 """
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,35 +17,56 @@ import numpy as np
 import torch
 
 from LiverTumorDARNLib.demo import run_demo
-from LiverTumorDARNLib.phantom import generate_case
+from LiverTumorDARNLib.phantom import SAMPLE_SEED, generate_case
 from LiverTumorDARNLib.picture import axial_overlay, montage, resize, save_png
 from LiverTumorDARNLib.weights import bundled_models_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+ICONS = ROOT / "LiverTumorDARN" / "Resources" / "Icons"
 GALLERY_SEEDS = (1, 2, 3, 4, 5, 6)
 ICON_SEED = 2
+ICON_SIZE = 128
 
 
-def main() -> None:
-    overlays = {}
+def gallery() -> None:
+    """The README's phantom gallery, also the Extensions Index screenshot."""
+    overlays = []
     for seed in GALLERY_SEEDS:
         case = generate_case(seed)
-        overlays[seed] = axial_overlay(case.image, case.labels)
+        overlays.append(axial_overlay(case.image, case.labels))
         print(f"seed {seed}: {case.phase}, {case.orientation}, {len(case.tumors)} tumor(s)")
-    gallery = montage([resize(rgb, 320) for rgb in overlays.values()], columns=3)
-    save_png(gallery, ROOT / "Resources" / "phantoms.png")
-    save_png(gallery, ROOT / "Resources" / "Screenshot.png")
-    rgb = overlays[ICON_SEED]
-    rows, cols = np.nonzero(rgb.any(axis=2))  # crop to the body so the icon reads at 128 px
+    picture = montage([resize(rgb, 320) for rgb in overlays], columns=3)
+    save_png(picture, ROOT / "Resources" / "phantoms.png")
+    save_png(picture, ROOT / "Resources" / "Screenshot.png")
+
+
+def icons() -> None:
+    """The extension icon (a gallery phantom) and the Sample Data thumbnail (the sample case
+    itself, which the Sample Data module's button loads)."""
+    for seed, paths in ((ICON_SEED, (ROOT / "LiverTumorDARN.png", ICONS / "LiverTumorDARN.png")),
+                        (SAMPLE_SEED, (ICONS / "LiverTumorPhantom.png",))):
+        case = generate_case(seed)
+        icon = body_square(axial_overlay(case.image, case.labels), ICON_SIZE)
+        for path in paths:
+            save_png(icon, path)
+
+
+def body_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The smallest square around the body, shrunk to ``size``: the slice reads at icon size."""
+    rows, cols = np.nonzero(rgb.any(axis=2))
     square = max(np.ptp(rows), np.ptp(cols))
     r0, c0 = rows.min(), cols.min()
-    icon = resize(rgb[r0:r0 + square, c0:c0 + square], 128)
-    for path in (ROOT / "LiverTumorDARN.png", ROOT / "LiverTumorDARN" / "Resources" / "Icons" / "LiverTumorDARN.png"):
-        save_png(icon, path)
+    return resize(rgb[r0:r0 + square, c0:c0 + square], size)
+
+
+def demo() -> None:
     with tempfile.TemporaryDirectory() as folder:
         _, scores = run_demo(Path(folder), torch.device("cpu"), bundled_models_dir())
         shutil.copyfile(scores["picture"], ROOT / "Resources" / "demo.png")
 
 
+PICTURES = {"gallery": gallery, "icons": icons, "demo": demo}
+
 if __name__ == "__main__":
-    main()
+    for name in sys.argv[1:] or PICTURES:
+        PICTURES[name]()

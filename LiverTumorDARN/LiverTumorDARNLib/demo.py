@@ -14,13 +14,11 @@ import torch
 from .errors import InputError
 from .io import to_canonical, write_image
 from .metrics import evaluate_case
-from .phantom import generate_case
+from .phantom import SAMPLE_SEED, generate_case
 from .picture import axial_overlay, best_axial_slice, montage, save_png
 from .pipeline import load_stages, segment
 from .report import CaseReport, measure
 
-DEMO_SEED = 850_000
-"""Between the validation (800000+) and benchmark (900000+) seeds: no training run ever draws it."""
 OUTPUT_NAMES = ("ct.nii.gz", "truth.nii.gz", "segmentation.nii.gz", "truth-vs-segmentation.png")
 
 
@@ -31,8 +29,8 @@ def run_demo(out_dir: Path, device: torch.device, models_dir: Path, overwrite: b
     if not overwrite and any(path.exists() for path in targets):
         raise InputError(f"{out_dir} already holds demo output; pass --overwrite to replace it")
     liver, tumor = load_stages(models_dir, device)  # first: no weights, no point drawing a case
-    say(f"Drawing the sample phantom (seed {DEMO_SEED}) ...")
-    case = generate_case(DEMO_SEED)
+    say(f"Drawing the sample phantom (seed {SAMPLE_SEED}) ...")
+    case = generate_case(SAMPLE_SEED)
     say(f"Segmenting a {'x'.join(map(str, case.image.GetSize()))} CT on {device} ...")
     result = segment(case.image, liver, tumor, device)
     for image, path in zip((case.image, case.labels, result.labels), targets):

@@ -38,15 +38,16 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-import cc3d
-
 from .errors import InputError
 from .io import write_image, write_json
 from .labels import LIVER, TUMOR
 
 # Seed ranges: training draws below VALIDATION_SEED_START (training refuses more), validation
-# from it, the demo's sample case is 850000 (demo.DEMO_SEED), the benchmarks from BENCHMARK_SEED_START.
+# from it, the sample case from SAMPLE_SEED, the benchmarks from BENCHMARK_SEED_START.
 VALIDATION_SEED_START = 800_000
+SAMPLE_SEED = 850_000
+"""The project's sample case: the demo's, the Slicer panel's default and the Sample Data module's
+phantom. Between the validation and benchmark seeds, so no training run ever draws it."""
 BENCHMARK_SEED_START = 900_000
 
 ORIENTATIONS = ("LPS", "RAS", "LAI", "RAI", "LPI", "RPS")
@@ -769,6 +770,8 @@ def generate_case(seed: int, small: bool = False, randomize: bool = False,
 
 def _liver_labels(tissue: np.ndarray) -> np.ndarray:
     """Label 1 on the largest connected piece of liver tissue (vessels inside it included)."""
+    import cc3d  # here, not at the top: the Slicer module reads SAMPLE_SEED before its pip packages are installed
+
     liver = np.isin(tissue, LIVER_TISSUES)
     components = cc3d.connected_components(liver, connectivity=6)
     labels = np.zeros(tissue.shape, np.uint8)

@@ -86,8 +86,15 @@ def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.
     """
     import torch
 
-    models_dir = Path(models_dir)
     models = load_manifest(models_dir)["models"]
+    path = _verified_file(Path(models_dir), models, name)
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    return module, models[name]
+
+
+def _verified_file(models_dir: Path, models: dict, name: str) -> Path:
+    """The weights file of manifest entry ``name``, once it is known to be there and unchanged."""
     if name not in models:
         raise InputError(f"{models_dir / MANIFEST_NAME}: no model {name!r}; it lists {', '.join(sorted(models)) or 'none'}")
     entry = models[name]
@@ -97,9 +104,44 @@ def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.
     actual = file_sha256(path)
     if actual != entry["sha256"]:
         raise InputError(f"{path}: checksum mismatch: expected {entry['sha256']}, got {actual}; the file is corrupt or was replaced")
-    module = torch.jit.load(str(path), map_location=device)
-    module.eval()
-    return module, entry
+    return path
+
+
+BUNDLED, CUSTOM = "bundled", "custom"
+MODEL_SOURCES = (BUNDLED, CUSTOM)
+"""Where the Slicer panel takes its weights from: the bundled folder, or a folder the user chose."""
+
+SEGMENTATION_MODELS = ("liver", "tumor")
+"""The manifest entries that segmenting needs (refinement also needs "refine")."""
+
+ORDER_NAMES = {"spa_sem": "Spa+Sem", "sem_spa": "Sem+Spa"}
+"""The paper's names for DARN's two refinement orders."""
+
+
+def chosen_models_dir(source: str, custom_dir: str | Path = "") -> Path:
+    """The weights folder the user chose, checked now (manifest, files, checksums), so that a wrong
+    folder is refused in one line when the user presses a button, not deep inside the worker."""
+    if source == BUNDLED:
+        folder = bundled_models_dir()
+    elif source == CUSTOM:
+        if str(custom_dir).strip() in ("", "."):
+            raise InputError("no custom weights folder chosen; choose a folder with manifest.json and its "
+                             "TorchScript files (as 'livertumordarn export' writes them)")
+        folder = Path(custom_dir)
+    else:
+        raise InputError(f"unknown model source {source!r}; expected one of {', '.join(MODEL_SOURCES)}")
+    models = load_manifest(folder)["models"]
+    for name in SEGMENTATION_MODELS:
+        _verified_file(folder, models, name)
+    return folder
+
+
+def describe_models(models_dir: Path) -> str:
+    """What a weights folder holds, in a few words for a menu: "DARN Spa+Sem" (the stages' order)."""
+    models = load_manifest(models_dir)["models"]
+    orders = {ORDER_NAMES.get(models[name]["model"].get("order"), "unknown order")
+              for name in SEGMENTATION_MODELS if name in models}
+    return "DARN " + " / ".join(sorted(orders))
 
 
 def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwrite: bool = False) -> Path:

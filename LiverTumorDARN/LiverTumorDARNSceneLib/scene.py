@@ -12,13 +12,24 @@ label voxel (i, j, k) covers exactly CT voxel (i, j, k).
 
 Ownership. The segments this module writes carry the tag :data:`ROLE_TAG`; a re-run removes only
 tagged segments, so segments the user made in the same node survive.
+
+Tumor segments. Either one "Liver tumor" segment holds every tumor, or (``per_tumor``) each tumor
+has its own segment, "Liver tumor 1", "Liver tumor 2", ... numbered largest first as the results
+table numbers them when they are written, each tagged with its number (:data:`TUMOR_NUMBER_TAG`). Edits follow what the node holds:
+a refined tumor stays in the segment that held it, a new lesion gets the next number, and a removed
+tumor leaves its segment empty rather than deleting it, so segment names, colours and the user's
+own edits keep pointing at the same lesion, and the Segment Editor's Undo restores it in place.
 """
 
 from __future__ import annotations
 
+import colorsys
+
+import cc3d
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from scipy import ndimage
 from vtk.util import numpy_support
 
 import slicer
@@ -33,6 +44,16 @@ ROLE_TAG = "LiverTumorDARN.Role"
 
 ROLES = {LIVER: "liver", TUMOR: "tumor"}
 """The role tag of each label value's segment."""
+
+TUMOR_NUMBER_TAG = "LiverTumorDARN.TumorNumber"
+"""Segment tag with a per-tumor segment's number ("3" for "Liver tumor 3"); the one combined
+"Liver tumor" segment has none."""
+
+TUMOR_HUE_STEPS = (0.0, 0.06, -0.06, 0.12, -0.12)
+"""Hue offsets (fractions of the colour circle) that tell neighbouring per-tumor segments apart
+while keeping them all shades of the tumor colour."""
+
+LIVER_SEGMENT, TUMOR_SEGMENT = (next(spec for spec in SEGMENTS if spec.label == label) for label in (LIVER, TUMOR))
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -136,6 +157,35 @@ def image_from_volume(volume_node) -> sitk.Image:
     return image
 
 
+def set_volume_from_image(volume_node, image: sitk.Image) -> None:
+    """Voxels and geometry of a SimpleITK image (LPS) into a volume node: the inverse of
+    :func:`image_from_volume` for a volume without parent transform."""
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))  # [k, j, i] both
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    volume_node.SetIJKToRASMatrix(_matrix_from_array(RAS_TO_LPS @ ijk_to_lps))  # the flip is its own inverse
+
+
+def add_phantom_case(mrml_scene, seed: int, small: bool = False):
+    """The synthetic CT phantom of ``seed`` as a new volume node, with its true liver and tumors as
+    this module's segments in a new segmentation node; returns (volume node, segmentation node).
+
+    The phantom is drawn here from its seed (``phantom.generate_case``): nothing is downloaded.
+    """
+    from LiverTumorDARNLib.phantom import generate_case
+
+    case = generate_case(seed, small=small)
+    name = f"LiverPhantom{seed}"
+    volume_node = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    set_volume_from_image(volume_node, case.image)
+    volume_node.CreateDefaultDisplayNodes()
+    segmentation_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} truth")
+    segmentation_node.CreateDefaultDisplayNodes()
+    write_segments(segmentation_node, volume_node, sitk.GetArrayFromImage(case.labels))
+    return volume_node, segmentation_node
+
+
 def ras_to_ijk(volume_node, point_ras) -> tuple[int, int, int]:
     """The voxel index (i, j, k) of the volume that contains a world RAS point."""
     ras_to_ijk_matrix = np.linalg.inv(world_ijk_to_ras(volume_node))
@@ -168,23 +218,36 @@ def _set_code(item, code: Code) -> None:
     item.SetCodeMeaning(code.meaning)
 
 
-def module_segment_ids(segmentation_node) -> dict[str, str]:
-    """Segment id by role tag, for the segments this module wrote."""
+def module_segment_ids(segmentation_node) -> dict[str, list[str]]:
+    """The ids of the segments this module wrote, by role ("liver", "tumor"), in the node's order."""
     segmentation = segmentation_node.GetSegmentation()
-    found = {}
+    found = {role: [] for role in ROLES.values()}
     for segment_id in segmentation.GetSegmentIDs():
-        role = _role(segmentation.GetSegment(segment_id))
-        if role:
-            found[role] = segment_id
+        role = _tag(segmentation.GetSegment(segment_id), ROLE_TAG)
+        if role in found:
+            found[role].append(segment_id)
     return found
 
 
-def _role(segment) -> str:
-    value = ""
-    tag = vtk.reference("")
-    if segment.GetTag(ROLE_TAG, tag):
-        value = str(tag)
-    return value
+def _tag(segment, name: str) -> str:
+    """The segment's tag ``name``, or "" when it has none."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else ""
+
+
+def _tumor_numbers(segmentation_node, tumor_ids: list[str]) -> list[int | None]:
+    """Each tumor segment's number; None for the one combined "Liver tumor" segment."""
+    segmentation = segmentation_node.GetSegmentation()
+    tags = (_tag(segmentation.GetSegment(segment_id), TUMOR_NUMBER_TAG) for segment_id in tumor_ids)
+    return [int(tag) if tag else None for tag in tags]
+
+
+def tumor_color(number: int) -> tuple[float, float, float]:
+    """The colour (RGB 0-1) of segment "Liver tumor ``number``": the tumor colour, its hue shifted a
+    little, so that neighbouring tumors are told apart and all still read as tumor."""
+    hue, lightness, saturation = colorsys.rgb_to_hls(*(c / 255 for c in TUMOR_SEGMENT.color))
+    shifted = (hue + TUMOR_HUE_STEPS[(number - 1) % len(TUMOR_HUE_STEPS)]) % 1.0
+    return colorsys.hls_to_rgb(shifted, lightness, saturation)
 
 
 def _oriented_labelmap(mask: np.ndarray, volume_node, box: tuple[slice, slice, slice]) -> slicer.vtkOrientedImageData:
@@ -202,9 +265,10 @@ def _full_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(slice(0, n) for n in labels.shape)
 
 
-def _replace_segment(segmentation_node, segment_id: str, mask: np.ndarray, volume_node) -> None:
-    """The whole segment becomes ``mask`` (a label array's shape, on the volume's grid)."""
-    labelmap = _oriented_labelmap(mask, volume_node, _full_box(mask))
+def _replace_segment(segmentation_node, segment_id: str, mask: np.ndarray, volume_node, box=None) -> None:
+    """The segment becomes ``mask`` and nothing else: ``mask`` covers ``box`` of the volume's grid,
+    or without a box the whole grid."""
+    labelmap = _oriented_labelmap(mask, volume_node, box or _full_box(mask))
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
         raise RuntimeError(f"could not write segment {segment_id} of {segmentation_node.GetName()}")
@@ -226,29 +290,57 @@ def _replace_inside_box(segmentation_node, segment_id: str, mask: np.ndarray, vo
             raise RuntimeError(f"could not write segment {segment_id} of {segmentation_node.GetName()}")
 
 
-def write_segments(segmentation_node, volume_node, labels: np.ndarray) -> dict[str, str]:
-    """Replace this module's "Liver" and "Liver tumor" segments by those of ``labels``
-    ([k, j, i] on the volume's grid: 0 background, 1 liver, 2 tumor); other segments stay.
+def write_segments(segmentation_node, volume_node, labels: np.ndarray, per_tumor: bool = False) -> dict[str, list[str]]:
+    """Replace this module's segments by those of ``labels`` ([k, j, i] on the volume's grid:
+    0 background, 1 liver, 2 tumor): "Liver" and "Liver tumor", or with ``per_tumor`` one segment
+    per connected tumor, largest first. Segments the module did not write stay as they are.
 
-    Returns the segment id by role.
+    Returns the segment ids by role, as :func:`module_segment_ids`.
     """
     _check_labels_fit(labels, volume_node)
     register_segmentation_converters()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    for segment_ids in module_segment_ids(segmentation_node).values():
+        for segment_id in segment_ids:
+            segmentation_node.GetSegmentation().RemoveSegment(segment_id)
+    liver_id = _add_segment(segmentation_node, LIVER_SEGMENT)
+    _replace_segment(segmentation_node, liver_id, labels == LIVER, volume_node)
+    if not per_tumor:
+        tumor_id = _add_segment(segmentation_node, TUMOR_SEGMENT)
+        _replace_segment(segmentation_node, tumor_id, labels == TUMOR, volume_node)
+        return {"liver": [liver_id], "tumor": [tumor_id]}
+    tumor_ids = []
+    for number, (mask, box) in enumerate(tumors_by_size(labels), start=1):
+        tumor_ids.append(_add_segment(segmentation_node, TUMOR_SEGMENT, number))
+        _replace_segment(segmentation_node, tumor_ids[-1], mask, volume_node, box)
+    return {"liver": [liver_id], "tumor": tumor_ids}
+
+
+def tumors_by_size(labels: np.ndarray) -> list[tuple[np.ndarray, tuple[slice, slice, slice]]]:
+    """Each 26-connected tumor of ``labels`` (as the report counts them), largest first: its mask on
+    its bounding box, and that box."""
+    components = cc3d.connected_components(labels == TUMOR, connectivity=26)
+    boxes = ndimage.find_objects(components)
+    sizes = np.bincount(components.ravel())[1:]
+    return [(components[boxes[index]] == index + 1, boxes[index]) for index in np.argsort(-sizes, kind="stable")]
+
+
+def _add_segment(segmentation_node, spec: Segment, number: int | None = None) -> str:
+    """An empty segment of this module with its name, colour, terminology and tags; ``number``
+    makes it the per-tumor segment "Liver tumor ``number``"."""
     segmentation = segmentation_node.GetSegmentation()
-    for segment_id in module_segment_ids(segmentation_node).values():
-        segmentation.RemoveSegment(segment_id)
-    written = {}
-    for spec in SEGMENTS:
-        segment_id = segmentation.AddEmptySegment("", spec.name, [c / 255 for c in spec.color])
-        segment = segmentation.GetSegment(segment_id)
-        segment.SetTag(ROLE_TAG, ROLES[spec.label])
-        segment.SetTerminology(terminology_entry(spec))
-        segmentation.SeparateSegmentLabelmap(segment_id)  # its own layer: see _replace_inside_box
-        _replace_segment(segmentation_node, segment_id, labels == spec.label, volume_node)
-        written[ROLES[spec.label]] = segment_id
-    return written
+    name, color = spec.name, [c / 255 for c in spec.color]
+    if number is not None:
+        name, color = f"{spec.name} {number}", tumor_color(number)
+    segment_id = segmentation.AddEmptySegment("", name, color)
+    segment = segmentation.GetSegment(segment_id)
+    segment.SetTag(ROLE_TAG, ROLES[spec.label])
+    if number is not None:
+        segment.SetTag(TUMOR_NUMBER_TAG, str(number))
+    segment.SetTerminology(terminology_entry(spec))
+    segmentation.SeparateSegmentLabelmap(segment_id)  # its own layer: see _replace_inside_box
+    return segment_id
 
 
 def _check_labels_fit(labels: np.ndarray, volume_node) -> None:
@@ -259,34 +351,86 @@ def _check_labels_fit(labels: np.ndarray, volume_node) -> None:
 
 def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     """The module's segments as one label array [k, j, i] on the volume's grid (0, 1 liver, 2 tumor),
-    including every edit the user made to them in the Segment Editor."""
+    whether the tumors share one segment or have one each, including every edit the user made to
+    them in the Segment Editor."""
     ids = module_segment_ids(segmentation_node)
-    missing = [role for role in ROLES.values() if role not in ids]
-    if missing:
-        raise InputError(f"{segmentation_node.GetName()} has no segment of this module for {', '.join(missing)}; "
-                         f"run \"Segment tumors\" first")
+    if not ids["liver"]:
+        raise InputError(f'{segmentation_node.GetName()} has no "{LIVER_SEGMENT.name}" segment of this module; '
+                         f'run "Segment tumors" first')
+    # Exported in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win overlaps).
+    exported = _exported_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
+    return np.where(exported > LIVER, TUMOR, exported).astype(np.uint8)
+
+
+def _exported_labels(segmentation_node, volume_node, segment_ids: list[str]) -> np.ndarray:
+    """Segments exported by Slicer onto the volume's grid ([k, j, i]): the n-th of ``segment_ids``
+    becomes value n + 1, later segments winning overlaps; all zero for no segment."""
+    shape = slicer.util.arrayFromVolume(volume_node).shape
+    if not segment_ids:  # Slicer reads an empty list as "every segment", the user's included
+        return np.zeros(shape, np.int32)
     scene = segmentation_node.GetScene()
     labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
-        # Exported in this order, liver is label 1 and tumor label 2 (later segments win overlaps).
-        segment_ids = [ids[ROLES[LIVER]], ids[ROLES[TUMOR]]]
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentation_node, segment_ids, labelmap_node, volume_node,
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
             raise RuntimeError(f"could not export the segments of {segmentation_node.GetName()}")
-        return slicer.util.arrayFromVolume(labelmap_node).astype(np.uint8)
+        return slicer.util.arrayFromVolume(labelmap_node).astype(np.int32)
     finally:
         scene.RemoveNode(labelmap_node)
 
 
 def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> None:
-    """Write the module's segments inside ``box`` only (a refinement's changed region); every
-    voxel outside it, and every other segment, is left as it was."""
+    """Write the module's segments inside ``box`` only (a refinement's changed region); every voxel
+    outside it, and every segment whose voxels in the box stay the same, is left as it was.
+
+    The tumors follow the node's own layout (see the module docstring): with one tumor segment per
+    tumor a new lesion gets a new segment, and a tumor segment not involved is never rewritten.
+    """
     if box is None:
         return
     ids = module_segment_ids(segmentation_node)
-    for label, role in ROLES.items():
-        _replace_inside_box(segmentation_node, ids[role], labels[box] == label, volume_node, box)
+    _replace_inside_box(segmentation_node, ids["liver"][0], labels[box] == LIVER, volume_node, box)
+    tumor_ids = ids["tumor"]
+    numbers = _tumor_numbers(segmentation_node, tumor_ids)
+    if numbers == [None]:  # the one "Liver tumor" segment holds every tumor
+        _replace_inside_box(segmentation_node, tumor_ids[0], labels[box] == TUMOR, volume_node, box)
+        return
+    owners_before = _exported_labels(segmentation_node, volume_node, tumor_ids)
+    owners_after = tumor_owners(labels, owners_before, box, len(tumor_ids))
+    first_new_number = max((n for n in numbers if n is not None), default=0) + 1
+    new_lesions = range(int(owners_after.max()) - len(tumor_ids))
+    tumor_ids += [_add_segment(segmentation_node, TUMOR_SEGMENT, first_new_number + n) for n in new_lesions]
+    for owner, segment_id in enumerate(tumor_ids, start=1):
+        mask = owners_after == owner
+        if not np.array_equal(mask, owners_before[box] == owner):
+            _replace_inside_box(segmentation_node, segment_id, mask, volume_node, box)
+
+
+def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count: int) -> np.ndarray:
+    """Which tumor segment each voxel inside ``box`` belongs to after an edit: 0 for no tumor, n for
+    the n-th tumor segment, and past ``owner_count`` for new segments.
+
+    ``owners_before`` numbers the segments the same way before the edit, on the whole volume; the
+    edit changed ``labels`` inside ``box`` only. Each connected tumor (26-connected, looked at in the
+    box and one voxel around it, where nothing changed) goes to the segment that held most of its
+    voxels before: a refined tumor keeps its segment and the voxels it gained join it, and tumors
+    that grew into one join the larger. A tumor no segment held is a new lesion: it gets a new
+    segment, numbered on from ``owner_count``.
+    """
+    window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
+    components = cc3d.connected_components(labels[window] == TUMOR, connectivity=26).astype(np.int64)
+    before = owners_before[window].astype(np.int64)
+    count, columns = int(components.max()), owner_count + 1
+    overlap = np.bincount((components * columns + before).ravel(), minlength=(count + 1) * columns)
+    overlap = overlap.reshape(count + 1, columns)
+    overlap[:, 0] = 0
+    owner_of = overlap.argmax(axis=1)
+    new_lesions = np.flatnonzero(owner_of == 0)[1:]  # index 0 is the background
+    owner_of[new_lesions] = owner_count + 1 + np.arange(len(new_lesions))
+    owner_of[0] = 0
+    inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
+    return owner_of[components][inner]
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +438,7 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
 
 
 def segment_volume(volume_node, segmentation_node, liver, tumor, device,
-                   progress=lambda stage, fraction: None) -> CaseReport:
+                   progress=lambda stage, fraction: None, per_tumor: bool = False) -> CaseReport:
     """Segment the CT of ``volume_node`` in this process and write the segments; returns the report.
 
     (The panel runs the network in a subprocess instead, see ``worker``, and calls
@@ -307,7 +451,7 @@ def segment_volume(volume_node, segmentation_node, liver, tumor, device,
     check_ct(ct, volume_node.GetName())
     result = segment(ct, liver, tumor, device, progress)
     labels = sitk.GetArrayFromImage(result.labels)
-    write_segments(segmentation_node, volume_node, labels)
+    write_segments(segmentation_node, volume_node, labels, per_tumor)
     return measure(ct, labels)
 
 
