@@ -19,8 +19,8 @@ from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, Refiner, patch_around, patch_inputs,
-                                      trim_at)
+from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Refiner, liver_hu,
+                                      patch_around, patch_inputs, trim_at)
 from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
@@ -29,10 +29,10 @@ FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0,
 
 
 class Bright(nn.Module):
-    """Tumor wherever the CT is above 100 HU (normalised: (HU - 50) / 100 > 0.5)."""
+    """Tumor wherever the CT is more than 50 HU above the liver (relative: (HU - liver) / 50 > 1)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tumor = (x[:, :1] - 0.5) * 20
+        tumor = (x[:, :1] - 1) * 20
         return torch.cat([torch.zeros_like(tumor), tumor], 1)
 
 
@@ -107,9 +107,9 @@ def test_a_mask_survives_the_trip_to_the_patch_and_back(flip, spacing):
 def test_the_patch_sees_the_image_where_the_volume_has_it(flip):
     ct, labels = scan([((24, 22, 10), 6.0)], FLIPS[flip])
     patch = patch_around(ct, [20, 18, 8], [28, 26, 12])
-    inputs = patch_inputs(ct, labels[patch.region] == TUMOR, patch)
+    inputs = patch_inputs(ct, labels[patch.region] == TUMOR, patch, liver_hu(ct, labels))
     middle = PATCH_SIZE // 2
-    assert inputs[0][middle, middle, middle] == pytest.approx((TUMOR_HU - 50) / 100, abs=0.05)
+    assert inputs[0][middle, middle, middle] == pytest.approx((TUMOR_HU - LIVER_HU) / RELATIVE_HU_SCALE, abs=0.05)
     assert inputs[1][middle, middle, middle] == pytest.approx(1.0)
 
 
@@ -292,6 +292,15 @@ def test_a_click_that_is_not_three_integers_is_a_usage_error(case_files, models_
 # ------------------------------------------------------------------ the network
 
 
+def test_the_image_channel_is_the_ct_relative_to_the_liver():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    brighter = sitk.Cast(ct, sitk.sitkInt16) + 40  # another scanner, phase or patient: all 40 HU up
+    patch = patch_around(ct, [20, 18, 8], [28, 26, 12])
+    tumor = labels[patch.region] == TUMOR
+    np.testing.assert_allclose(patch_inputs(brighter, tumor, patch, liver_hu(brighter, labels)),
+                               patch_inputs(ct, tumor, patch, liver_hu(ct, labels)), atol=1e-5)
+
+
 def test_an_untrained_refinement_network_gives_back_the_coarse_mask():
     torch.manual_seed(0)
     network = build_model({"architecture": "refine", "widths": (4, 8, 16)}).eval()
@@ -326,7 +335,7 @@ def test_training_samples_are_cut_by_the_inference_patch_code(models_dir):
         assert inputs.shape == (2, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE) and target.shape == (PATCH_SIZE,) * 3
     with_tumor = [(inputs, target) for inputs, target in samples if target.any()]
     inputs, target = with_tumor[0]
-    assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - 50) / 100, abs=0.1)
+    assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - LIVER_HU) / RELATIVE_HU_SCALE, abs=10 / RELATIVE_HU_SCALE)
 
 
 def tiny_training(out_dir, lits, models_dir, **changes) -> RefineConfig:

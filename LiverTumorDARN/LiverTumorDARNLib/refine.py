@@ -19,6 +19,13 @@ Choices and why:
 - The patch grows with the result: when the refined tumor touches the patch's edge, the patch is
   extracted again around the result (at most ``MAX_GROWTH_STEPS`` times). A click on a missed
   lesion starts from a small seed and ends with a patch that fits the lesion.
+- The image channel is the CT relative to the liver: (HU - the liver's median HU) / ``RELATIVE_HU_SCALE``,
+  clipped to +/- ``RELATIVE_HU_LIMIT``. A lesion is seen against the parenchyma around it, as a
+  radiologist reads it; absolute HU shift by tens of HU between scanners, contrast phases and
+  patients (and between our domain-randomised phantoms) while tumor contrast is often no larger,
+  and a network keyed to absolute HU failed on scans whose liver was brighter than in training.
+  The liver's median comes from the label map being edited (every ``LIVER_SAMPLE_STRIDE``-th
+  voxel along each axis, so it costs a few milliseconds of a click).
 - A negative click is an edit, not a network call: on the body of a tumor it removes the tumor;
   on a thin offshoot (a leak) it removes the offshoot only. The offshoot is what separates from
   the body when the tumor is eroded (a distance-transform threshold), which keeps the result
@@ -39,7 +46,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .labels import LIVER, TUMOR
-from .pipeline import AIR_VALUE, MIN_TUMOR_MM3, normalize_hu
+from .pipeline import AIR_VALUE, MIN_TUMOR_MM3
 
 PATCH_SIZE = 32
 """Samples along each side of the cube the network sees."""
@@ -54,6 +61,11 @@ SEED_RADIUS_MM = 4.0
 MAX_GROWTH_STEPS = 3
 TRIM_STEPS = 12
 """Opening radii tried by a negative click (quantiles of the tumor's depth)."""
+RELATIVE_HU_SCALE = 50.0
+RELATIVE_HU_LIMIT = 4.0
+LIVER_SAMPLE_STRIDE = 3
+DEFAULT_LIVER_HU = 100.0
+"""The reference of a map without liver voxels: a portal-venous liver."""
 
 Box = tuple[slice, slice, slice]
 """A region of a [z, y, x] array."""
@@ -120,8 +132,20 @@ def _as_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
     return image
 
 
-def patch_inputs(ct: sitk.Image, mask: np.ndarray, patch: Patch) -> np.ndarray:
-    """[2, P, P, P] network input: the normalised CT and the coarse mask, resampled to the patch.
+def liver_hu(ct: sitk.Image, labels: np.ndarray) -> float:
+    """The median HU of the liver (label 1) of ``labels``: the reference of the image channel."""
+    step = (slice(None, None, LIVER_SAMPLE_STRIDE),) * 3
+    liver = sitk.GetArrayViewFromImage(ct)[step][labels[step] == LIVER]
+    return float(np.median(liver)) if liver.size else DEFAULT_LIVER_HU
+
+
+def relative_hu(hu: np.ndarray, reference_hu: float) -> np.ndarray:
+    return np.clip((hu - reference_hu) / RELATIVE_HU_SCALE, -RELATIVE_HU_LIMIT, RELATIVE_HU_LIMIT).astype(np.float32)
+
+
+def patch_inputs(ct: sitk.Image, mask: np.ndarray, patch: Patch, reference_hu: float) -> np.ndarray:
+    """[2, P, P, P] network input: the CT relative to ``reference_hu`` (the liver's, see
+    :func:`liver_hu`) and the coarse mask, resampled to the patch.
 
     ``mask`` is the coarse tumor on ``patch.region`` of the volume.
     """
@@ -130,7 +154,7 @@ def patch_inputs(ct: sitk.Image, mask: np.ndarray, patch: Patch) -> np.ndarray:
                           sitk.sitkLinear, AIR_VALUE, sitk.sitkFloat32)
     coarse = sitk.Resample(_as_image(mask.astype(np.float32), _crop(ct, patch.region, pad=0)), patch.grid,
                            sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return np.stack([normalize_hu(sitk.GetArrayFromImage(image)), sitk.GetArrayFromImage(coarse)])
+    return np.stack([relative_hu(sitk.GetArrayFromImage(image), reference_hu), sitk.GetArrayFromImage(coarse)])
 
 
 def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
@@ -189,10 +213,10 @@ class Refiner:
 
         The patch is re-centred on the result while the result touches the patch's edge.
         """
-        mask, box = coarse, coarse_box
+        mask, box, reference_hu = coarse, coarse_box, liver_hu(ct, labels)
         for _ in range(MAX_GROWTH_STEPS):
             patch = patch_around(ct, *index_bounds(mask, box))
-            inputs = patch_inputs(ct, on_region(mask, box, patch.region), patch)
+            inputs = patch_inputs(ct, on_region(mask, box, patch.region), patch, reference_hu)
             refined = patch_to_region(self.probability(inputs), ct, patch) > 0.5
             refined &= labels[patch.region] > 0  # tumors grow into liver only
             refined = _without_specks(refined, ct.GetSpacing())

@@ -35,8 +35,8 @@ from .labels import LIVER, TUMOR
 from .models import build_model
 from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
-from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, on_region, patch_around,
-                     patch_inputs, widened_mm)
+from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, liver_hu, on_region,
+                     patch_around, patch_inputs, widened_mm)
 from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "seed", "good", "false")
@@ -78,6 +78,7 @@ class Scan:
     darn: np.ndarray  # 26-connected components of DARN's tumor
     darn_boxes: list
     liver_points: np.ndarray  # a sample of tumor-free liver voxels, for false positives
+    liver_hu: float  # the image channel's reference
     spacing_zyx: tuple[float, float, float]
 
 
@@ -89,7 +90,7 @@ def make_scan(ct: sitk.Image, truth: sitk.Image, stages) -> Scan:
     liver_points = np.argwhere(truth_array == LIVER)
     liver_points = liver_points[np.random.default_rng(0).permutation(len(liver_points))[:1000]]
     return Scan(ct, truth_array, truth_array > 0, tumors, ndimage.find_objects(tumors), darn,
-                ndimage.find_objects(darn), liver_points, tuple(ct.GetSpacing()[::-1]))
+                ndimage.find_objects(darn), liver_points, liver_hu(ct, truth_array), tuple(ct.GetSpacing()[::-1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
         return None
     coarse, box = drawn
     patch = patch_around(scan.ct, *index_bounds(coarse, box), context=rng.uniform(1.3, 1.8))
-    inputs = patch_inputs(scan.ct, on_region(coarse, box, patch.region), patch)
+    inputs = patch_inputs(scan.ct, on_region(coarse, box, patch.region), patch, scan.liver_hu)
     target = (labels_to_patch(scan.truth, scan.ct, patch) == TUMOR).astype(np.int64)
     return inputs, target
 
