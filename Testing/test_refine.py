@@ -13,15 +13,16 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from LiverTumorDARNLib import refine_training
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.models import build_model
+from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Refiner, liver_hu,
                                       patch_around, patch_inputs, trim_at)
-from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
 LIVER_HU, TUMOR_HU = 60, 160
@@ -336,6 +337,20 @@ def test_training_samples_are_cut_by_the_inference_patch_code(models_dir):
     with_tumor = [(inputs, target) for inputs, target in samples if target.any()]
     inputs, target = with_tumor[0]
     assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - LIVER_HU) / RELATIVE_HU_SCALE, abs=10 / RELATIVE_HU_SCALE)
+
+
+def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    truth = sitk.GetImageFromArray(labels)
+    truth.CopyInformation(ct)
+    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("darn",))
+    assert draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0)) is None
+
+
+@pytest.mark.parametrize("option", [["--models", "weights"], ["--darn-fraction", "0.5"]])
+def test_refinement_options_are_refused_for_the_darn_stages(option, tmp_path, capsys):
+    assert main(["train", "--stage", "tumor", "--out", str(tmp_path), *option]) == 2
+    assert "option of --stage refine" in capsys.readouterr().err
 
 
 def tiny_training(out_dir, lits, models_dir, **changes) -> RefineConfig:

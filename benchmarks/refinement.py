@@ -34,7 +34,7 @@ from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import load_stages, resolve_device, segment
 from LiverTumorDARNLib.refine import Refiner, widened_mm
-from LiverTumorDARNLib.refine_training import corrupt
+from LiverTumorDARNLib.refine_training import corrupted_map
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 
 CORRUPTIONS = ("erode", "dilate", "shift", "smooth", "missing", "extra", "merged")
@@ -66,12 +66,9 @@ def tumor_experiments(case, darn_labels: np.ndarray, refiner: Refiner, rng) -> l
         true_tumor = components[region] == number
         darn = score(darn_labels, truth, region)
         for kind in (*CORRUPTIONS, "good"):
-            coarse_tumor = corrupt(true_tumor, truth[region] > 0, kind, spacing, rng)
+            coarse, coarse_tumor = corrupted_map(truth, region, true_tumor, kind, spacing, rng)
             if not coarse_tumor.any():
                 continue
-            coarse = truth.copy()
-            coarse[region][true_tumor & ~coarse_tumor] = LIVER
-            coarse[region][coarse_tumor] = TUMOR
             refined = refiner.refine_tumor(ct, coarse, coarse_tumor, region).labels
             rows.append({"seed": case.seed, "tumor": number, "kind": kind, "coarse": score(coarse, truth, region),
                          "refined": score(refined, truth, region), "darn": darn})

@@ -175,6 +175,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-size", type=int, help="cases held in memory (default 8)")
     parser.add_argument("--refresh-every", type=int, help="iterations between replacing one pool case (default 10)")
     parser.add_argument("--randomize-fraction", type=float, help="share of domain-randomised phantoms (default 0.5)")
+    parser.add_argument("--darn-fraction", type=float,
+                        help="--stage refine: share of training scans DARN segments for coarse masks (default 0.25)")
     parser.add_argument("--phantom-seed-start", type=int, help="first training phantom seed (below 800000)")
     parser.add_argument("--small-phantoms", action="store_true", help="96x96 phantoms at ~4 mm")
     parser.add_argument("--widths", type=_positive_ints, help="encoder widths, one per level (default 8,16,32,64,128)")

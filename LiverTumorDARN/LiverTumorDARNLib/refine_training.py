@@ -11,7 +11,10 @@ coarse mask, so training sees exactly the geometry a click produces. The target 
 tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two classes.
 
 Scans come from phantoms (full-size, half of them domain-randomised) or a LiTS-layout ``--data``
-folder; a pool of scans is held in memory and one is replaced every ``refresh_every`` steps.
+folder; a pool of scans is held in memory and one is replaced every ``refresh_every`` steps. Many
+scans matter more than many steps: on a pool replaced slowly the network learned the pool's
+tumors by heart (training loss falling, held-out Dice falling with it). A DARN run costs twice
+the drawing of a phantom, so only ``darn_fraction`` of the training scans get DARN's masks.
 Validation: a fixed set of samples from held-out seeds, scored by mean patch Dice; ``best.pt``
 keeps the best. ``export`` turns a checkpoint into ``refine.pt`` in the weights manifest.
 """
@@ -59,6 +62,7 @@ class RefineConfig:
     widths: tuple[int, ...] = (12, 24, 48, 96)
     phantom_seed_start: int = 0
     randomize_fraction: float = 0.5
+    darn_fraction: float = 0.25
     seed: int = 0
     resume: bool = False
     device: str = "auto"
@@ -75,7 +79,7 @@ class Scan:
     organ: np.ndarray  # liver and tumor, true
     tumors: np.ndarray  # 26-connected components of the true tumor
     tumor_boxes: list
-    darn: np.ndarray  # 26-connected components of DARN's tumor
+    darn: np.ndarray | None  # 26-connected components of DARN's tumor; None: not segmented by DARN
     darn_boxes: list
     liver_points: np.ndarray  # a sample of tumor-free liver voxels, for false positives
     liver_hu: float  # the image channel's reference
@@ -83,14 +87,17 @@ class Scan:
 
 
 def make_scan(ct: sitk.Image, truth: sitk.Image, stages) -> Scan:
+    """The scan, with DARN's coarse tumors when ``stages`` (liver, tumor) are given."""
     truth_array = sitk.GetArrayFromImage(truth)
-    coarse = sitk.GetArrayFromImage(segment(ct, *stages, torch.device("cpu")).labels)
     tumors = cc3d.connected_components(truth_array == TUMOR, connectivity=26)
-    darn = cc3d.connected_components(coarse == TUMOR, connectivity=26)
+    darn = None
+    if stages is not None:
+        coarse = sitk.GetArrayFromImage(segment(ct, *stages, torch.device("cpu")).labels)
+        darn = cc3d.connected_components(coarse == TUMOR, connectivity=26)
     liver_points = np.argwhere(truth_array == LIVER)
     liver_points = liver_points[np.random.default_rng(0).permutation(len(liver_points))[:1000]]
     return Scan(ct, truth_array, truth_array > 0, tumors, ndimage.find_objects(tumors), darn,
-                ndimage.find_objects(darn), liver_points, liver_hu(ct, truth_array), tuple(ct.GetSpacing()[::-1]))
+                [] if darn is None else ndimage.find_objects(darn), liver_points, liver_hu(ct, truth_array), tuple(ct.GetSpacing()[::-1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +150,18 @@ def corrupt(truth: np.ndarray, organ: np.ndarray, kind: str, spacing_zyx, rng: n
     raise ValueError(f"unknown corruption {kind!r}")
 
 
+def corrupted_map(truth: np.ndarray, region: tuple, true_tumor: np.ndarray, kind: str, spacing_zyx,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The label map ``truth`` with one true tumor (``true_tumor``, bool on ``region``) replaced by
+    its corruption ``kind``: (the map, the corrupted tumor on ``region``). What the tumor loses
+    becomes liver."""
+    coarse_tumor = corrupt(true_tumor, truth[region] > 0, kind, spacing_zyx, rng)
+    coarse = truth.copy()
+    coarse[region][true_tumor & ~coarse_tumor] = LIVER
+    coarse[region][coarse_tumor] = TUMOR
+    return coarse, coarse_tumor
+
+
 def _radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
     return float((mask.sum() * np.prod(spacing) * 3 / (4 * np.pi)) ** (1 / 3))
 
@@ -186,6 +205,8 @@ def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 
 def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
     """DARN's tumor that overlaps true tumor ``number`` most, on its box."""
+    if scan.darn is None:
+        return None
     box = scan.tumor_boxes[number - 1]
     overlap = np.bincount(scan.darn[box][scan.tumors[box] == number], minlength=1)
     overlap[0] = 0
@@ -275,7 +296,11 @@ def train_refiner(config: RefineConfig) -> Path:
     rng = np.random.default_rng([config.seed, iteration])
     train_source, val_source = _scan_source(config)
     next_scan = iteration // config.refresh_every
-    scans = [make_scan(*train_source(next_scan + i), stages) for i in range(config.pool_size)]
+
+    def training_scan(index: int) -> Scan:
+        return make_scan(*train_source(index), stages if rng.random() < config.darn_fraction else None)
+
+    scans = [training_scan(next_scan + i) for i in range(config.pool_size)]
     next_scan += config.pool_size
     val_samples = _validation_samples([make_scan(*val_source(i), stages) for i in range(config.val_cases)])
 
@@ -298,7 +323,7 @@ def train_refiner(config: RefineConfig) -> Path:
             optimizer.step()
             iteration += 1
             if iteration % config.refresh_every == 0:
-                scans[iteration // config.refresh_every % len(scans)] = make_scan(*train_source(next_scan), stages)
+                scans[iteration // config.refresh_every % len(scans)] = training_scan(next_scan)
                 next_scan += 1
             if iteration % config.val_every == 0 or iteration == config.iterations:
                 scores = _validate(model, val_samples, device)
@@ -349,6 +374,7 @@ def config_from_args(args: argparse.Namespace) -> RefineConfig:
         ("lr", "learning_rate"), ("pool_size", "pool_size"), ("refresh_every", "refresh_every"),
         ("val_cases", "val_cases"), ("val_every", "val_every"), ("widths", "widths"),
         ("phantom_seed_start", "phantom_seed_start"), ("randomize_fraction", "randomize_fraction"),
+        ("darn_fraction", "darn_fraction"),
         ("seed", "seed"), ("device", "device"), ("threads", "num_threads")) if getattr(args, option, None) is not None}
     return RefineConfig(out_dir=args.out, resume=args.resume, **given)
 

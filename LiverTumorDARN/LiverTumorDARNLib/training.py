@@ -721,8 +721,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A TrainConfig from ``livertumordarn train`` options; options left out keep its defaults."""
     if args.patch_size is not None and len(args.patch_size) != 3:
         raise InputError(f"--patch-size needs three sizes z,y,x, got {args.patch_size}")
-    if getattr(args, "models", None) is not None:
-        raise InputError("--models is an option of --stage refine (the DARN weights it refines)")
+    for option in ("models", "darn_fraction"):
+        if getattr(args, option, None) is not None:
+            raise InputError(f"--{option.replace('_', '-')} is an option of --stage refine (the DARN masks it refines)")
     if args.widths is not None and len(args.widths) < 2:
         raise InputError(f"--widths needs at least two levels, got {args.widths}")
     defaults = TrainConfig()
