@@ -35,11 +35,12 @@ from scipy import ndimage
 from .errors import InputError
 from .io import read_ct, read_image
 from .labels import LIVER, TUMOR
+from .metrics import dice
 from .models import build_model
 from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
 from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, liver_hu, on_region,
-                     patch_around, patch_inputs, widened_mm)
+                     paste_tumor, patch_around, patch_inputs, widened_mm)
 from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "seed", "good", "false")
@@ -156,10 +157,7 @@ def corrupted_map(truth: np.ndarray, region: tuple, true_tumor: np.ndarray, kind
     its corruption ``kind``: (the map, the corrupted tumor on ``region``). What the tumor loses
     becomes liver."""
     coarse_tumor = corrupt(true_tumor, truth[region] > 0, kind, spacing_zyx, rng)
-    coarse = truth.copy()
-    coarse[region][true_tumor & ~coarse_tumor] = LIVER
-    coarse[region][coarse_tumor] = TUMOR
-    return coarse, coarse_tumor
+    return paste_tumor(truth, region, true_tumor, coarse_tumor, kind).labels, coarse_tumor
 
 
 def _radius_mm(mask: np.ndarray, spacing: np.ndarray) -> float:
@@ -238,11 +236,6 @@ def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator) -> tuple[
         inputs.append(np.ascontiguousarray(image))
         targets.append(np.ascontiguousarray(target))
     return torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
-
-
-def patch_dice(prediction: np.ndarray, target: np.ndarray) -> float:
-    total = prediction.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * (prediction & target).sum() / total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,8 +350,8 @@ def _validate(model: torch.nn.Module, samples, device) -> dict[str, float]:
         for inputs, target in samples:
             probability = torch.softmax(model(torch.from_numpy(inputs)[None].to(device)).float(), 1)[0, 1].cpu().numpy()
             truth = target.astype(bool)
-            coarse.append(patch_dice(inputs[1] > 0.5, truth))
-            refined.append(patch_dice(probability > 0.5, truth))
+            coarse.append(dice(inputs[1] > 0.5, truth))
+            refined.append(dice(probability > 0.5, truth))
     return {"coarse": float(np.mean(coarse)), "refined": float(np.mean(refined))}
 
 
