@@ -1,8 +1,9 @@
 """Boundary refinement of one tumor at a time, and the clicks a radiologist corrects with.
 
     label map + CT -> one coarse tumor -> patch around it (image, coarse mask)
-                   -> refinement network -> tumor probability on the patch
-                   -> back onto the volume's voxels inside the patch -> updated label map, changed box
+                   -> refinement network -> its correction of the coarse mask on the patch
+                   -> onto the volume's voxels inside the patch, added to the full-resolution coarse mask
+                   -> updated label map, changed box
 
 The method is the boundary-optimisation network of the second paper (``models.BoundaryRefinementNet``):
 the coarse mask is an input channel, so the network attends to the boundary and may shrink or grow it.
@@ -13,6 +14,12 @@ Choices and why:
   ``MARGIN_MM``, decides the spacing, never finer than ``MIN_SPACING_MM``. A 3 mm and a 60 mm tumor
   both fill the network's view, and anisotropic scans (5 mm slices) are seen as the network was
   trained: isotropic.
+- The network adds the coarse mask to its logits (``models.BoundaryRefinementNet``: +/- its
+  ``mask_prior``), so its own output is a correction of the mask. Only the correction is brought
+  back to the volume's voxels; the mask term is added there, at full resolution. Resampling the
+  whole answer from the patch grid (up to 3 mm for a large tumor) blurred every boundary and lost
+  tumors of a few voxels even where the network changed nothing: good masks fell from Dice 1.00
+  to 0.96 on held-out phantoms (seeds 800500-800507), and stay at 0.99 this way.
 - Paste-back writes only the voxels whose centres lie inside the patch, so nothing outside the
   patch changes; tumor may only grow into liver, as everywhere else in the pipeline, and the other
   tumors inside the patch are kept as they were.
@@ -193,6 +200,7 @@ class Refiner:
 
     def __init__(self, model: torch.jit.ScriptModule, device: torch.device):
         self.model, self.device = model, device
+        self.mask_prior = float(torch.as_tensor(model.mask_prior).detach())
 
     @classmethod
     def load(cls, models_dir, device: torch.device) -> Refiner:
@@ -201,11 +209,16 @@ class Refiner:
         module, _ = load_model(models_dir, "refine", str(device))
         return cls(module, device)
 
-    def probability(self, inputs: np.ndarray) -> np.ndarray:
-        """Tumor probability on the patch grid from the [2, P, P, P] inputs."""
+    def correction(self, inputs: np.ndarray) -> np.ndarray:
+        """What the network adds to the coarse mask's vote, on the patch grid, from the [2, P, P, P]
+        inputs: its tumor-minus-background logit without the ``mask_prior`` term."""
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = self.model(torch.from_numpy(inputs)[None].to(self.device))
-        return torch.softmax(logits.float(), dim=1)[0, 1].cpu().numpy()
+            logits = self.model(torch.from_numpy(inputs)[None].to(self.device))[0].float()
+        return (logits[1] - logits[0]).cpu().numpy() - self.mask_vote(inputs[1])
+
+    def mask_vote(self, mask: np.ndarray) -> np.ndarray:
+        """The logit the coarse mask alone contributes: +mask_prior inside, -mask_prior outside."""
+        return self.mask_prior * (2 * mask.astype(np.float32) - 1)
 
     def refine_mask(self, ct: sitk.Image, labels: np.ndarray, coarse: np.ndarray,
                     coarse_box: Box) -> tuple[np.ndarray, Box]:
@@ -216,10 +229,11 @@ class Refiner:
         mask, box, reference_hu = coarse, coarse_box, liver_hu(ct, labels)
         for _ in range(MAX_GROWTH_STEPS):
             patch = patch_around(ct, *index_bounds(mask, box))
-            inputs = patch_inputs(ct, on_region(mask, box, patch.region), patch, reference_hu)
-            refined = patch_to_region(self.probability(inputs), ct, patch) > 0.5
+            coarse_here = on_region(mask, box, patch.region)
+            correction = patch_to_region(self.correction(patch_inputs(ct, coarse_here, patch, reference_hu)), ct, patch)
+            refined = correction + self.mask_vote(coarse_here) > 0
             refined &= labels[patch.region] > 0  # tumors grow into liver only
-            refined = _without_specks(refined, ct.GetSpacing())
+            refined = _without_new_specks(refined, coarse_here, ct.GetSpacing())
             if not refined.any() or not _touches_edge(refined, patch.region, labels.shape):
                 return refined, patch.region
             mask, box = refined, patch.region
@@ -418,12 +432,15 @@ def _touches_edge(mask: np.ndarray, region: Box, shape) -> bool:
     return False
 
 
-def _without_specks(mask: np.ndarray, spacing_xyz) -> np.ndarray:
+def _without_new_specks(mask: np.ndarray, coarse: np.ndarray, spacing_xyz) -> np.ndarray:
+    """``mask`` without the pieces smaller than the pipeline's smallest tumor that the coarse mask
+    did not have: a small tumor someone drew stays unless the network votes it away."""
     components = cc3d.connected_components(mask, connectivity=26)
     if components.max() == 0:
         return mask
     sizes = np.bincount(components.ravel()) * float(np.prod(spacing_xyz))
     keep = sizes >= MIN_TUMOR_MM3
+    keep[np.unique(components[coarse])] = True
     keep[0] = False
     return keep[components]
 
