@@ -11,12 +11,19 @@ import io
 import re
 
 import pytest
+import SimpleITK as sitk
+import torch
 
 from LiverTumorDARNLib.cli import main
+from LiverTumorDARNLib.io import read_ct, read_image
+from LiverTumorDARNLib.labels import TUMOR
+from LiverTumorDARNLib.metrics import dice
+from LiverTumorDARNLib.refine import Refiner
 from LiverTumorDARNLib.weights import bundled_models_dir, load_manifest
 
 LIVER_DICE_FLOOR = 0.90
 TUMOR_DICE_FLOOR = 0.25
+GOOD_MASK_DICE_FLOOR = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +63,13 @@ def test_the_bundled_weights_find_the_sample_liver(demo):
 
 def test_the_bundled_weights_find_the_sample_tumor(demo):
     assert printed_dice(demo[2], "tumor") >= TUMOR_DICE_FLOOR
+
+
+def test_the_bundled_refiner_keeps_a_true_tumor_mask(demo):
+    out = demo[1]
+    ct, truth = read_ct(out / "ct.nii.gz"), sitk.GetArrayFromImage(read_image(out / "truth.nii.gz"))
+    refined = Refiner.load(bundled_models_dir(), torch.device("cpu")).refine_all(ct, truth).labels
+    assert dice(refined == TUMOR, truth == TUMOR) >= GOOD_MASK_DICE_FLOOR
 
 
 def test_the_bundled_weights_fit_the_size_limits():
