@@ -125,9 +125,6 @@ def slicer_click_latency(scene, ct: sitk.Image, coarse: np.ndarray, refiner: Ref
         scene.refine_click(volume, segmentation, refiner, (ijk_to_ras @ [*ijk, 1.0])[:3])
 
     def reset():  # every click starts from the same segments, untimed
-        nonlocal segmentation
-        mrml.RemoveNode(segmentation)
-        segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverTumorDARN")
         scene.write_segments(segmentation, volume, coarse)
 
     reset()

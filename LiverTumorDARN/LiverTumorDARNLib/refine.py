@@ -220,13 +220,15 @@ class Refiner:
         """The logit the coarse mask alone contributes: +mask_prior inside, -mask_prior outside."""
         return self.mask_prior * (2 * mask.astype(np.float32) - 1)
 
-    def refine_mask(self, ct: sitk.Image, labels: np.ndarray, coarse: np.ndarray,
-                    coarse_box: Box) -> tuple[np.ndarray, Box]:
+    def refine_mask(self, ct: sitk.Image, labels: np.ndarray, coarse: np.ndarray, coarse_box: Box,
+                    reference_hu: float | None = None) -> tuple[np.ndarray, Box]:
         """The refined tumor (bool, on the returned region) for one coarse tumor given on ``coarse_box``.
 
         The patch is re-centred on the result while the result touches the patch's edge.
+        ``reference_hu`` is the liver's HU (:func:`liver_hu` of ``labels`` when not given).
         """
-        mask, box, reference_hu = coarse, coarse_box, liver_hu(ct, labels)
+        mask, box = coarse, coarse_box
+        reference_hu = liver_hu(ct, labels) if reference_hu is None else reference_hu
         for _ in range(MAX_GROWTH_STEPS):
             patch = patch_around(ct, *index_bounds(mask, box))
             coarse_here = on_region(mask, box, patch.region)
@@ -239,9 +241,10 @@ class Refiner:
             mask, box = refined, patch.region
         return refined, patch.region
 
-    def refine_tumor(self, ct: sitk.Image, labels: np.ndarray, component: np.ndarray, box: Box) -> Change:
+    def refine_tumor(self, ct: sitk.Image, labels: np.ndarray, component: np.ndarray, box: Box,
+                     reference_hu: float | None = None) -> Change:
         """Refine the tumor ``component`` (bool on ``box``) and paste it back."""
-        refined, region = self.refine_mask(ct, labels, component, box)
+        refined, region = self.refine_mask(ct, labels, component, box, reference_hu)
         return paste_tumor(labels, region, on_region(component, box, region), refined, "tumor refined")
 
     def click(self, ct: sitk.Image, labels: np.ndarray, point_ijk: Sequence[int], positive: bool = True) -> Change:
@@ -274,9 +277,10 @@ class Refiner:
     def refine_all(self, ct: sitk.Image, labels: np.ndarray) -> Change:
         """Every tumor of the map refined in turn; the box covers all changes."""
         components = cc3d.connected_components(labels == TUMOR, connectivity=26)
+        reference_hu = liver_hu(ct, labels)  # once: each tumor moves the liver's median by a hair
         changed: list[Box] = []
         for number, component_box in enumerate(ndimage.find_objects(components), start=1):
-            change = self.refine_tumor(ct, labels, components[component_box] == number, component_box)
+            change = self.refine_tumor(ct, labels, components[component_box] == number, component_box, reference_hu)
             labels = change.labels
             if change.box is not None:
                 changed.append(change.box)

@@ -98,7 +98,8 @@ def make_scan(ct: sitk.Image, truth: sitk.Image, stages) -> Scan:
     liver_points = np.argwhere(truth_array == LIVER)
     liver_points = liver_points[np.random.default_rng(0).permutation(len(liver_points))[:1000]]
     return Scan(ct, truth_array, truth_array > 0, tumors, ndimage.find_objects(tumors), darn,
-                [] if darn is None else ndimage.find_objects(darn), liver_points, liver_hu(ct, truth_array), tuple(ct.GetSpacing()[::-1]))
+                [] if darn is None else ndimage.find_objects(darn), liver_points, liver_hu(ct, truth_array),
+                tuple(ct.GetSpacing()[::-1]))
 
 
 # --------------------------------------------------------------------------------------------
