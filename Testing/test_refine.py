@@ -21,8 +21,8 @@ from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Refiner, liver_hu,
-                                      patch_around, patch_inputs, trim_at)
+from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, SEED_RADIUS_MM, Refiner,
+                                      ball, lesion_seed, liver_hu, on_region, patch_around, patch_inputs, trim_at)
 from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
 LIVER_HU, TUMOR_HU = 60, 160
@@ -74,6 +74,16 @@ def shrunk(labels: np.ndarray) -> np.ndarray:
     coarse = labels.copy()
     coarse[(labels == TUMOR) & ~ndimage.binary_erosion(labels == TUMOR, np.ones((1, 3, 3)))] = LIVER
     return coarse
+
+
+def with_hu(ct: sitk.Image, hu: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(hu.astype(np.int16))
+    image.CopyInformation(ct)
+    return image
+
+
+def on_whole_volume(mask: np.ndarray, box, labels: np.ndarray) -> np.ndarray:
+    return on_region(mask, box, tuple(slice(0, n) for n in labels.shape))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -168,6 +178,31 @@ def test_click_on_empty_liver_with_nothing_there_adds_nothing():
     change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (24, 22, 10))
     assert change.box is None and change.message == "no lesion found at the click"
     assert change.labels is labels
+
+
+@pytest.mark.parametrize("contrast_hu", [100, -50])
+def test_a_new_lesion_starts_from_the_voxels_of_its_contrast(contrast_hu):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    ct = with_hu(ct, np.where(labels == TUMOR, LIVER_HU + contrast_hu, sitk.GetArrayFromImage(ct)))
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    seed, box = lesion_seed(ct, missed, (10, 22, 24), LIVER_HU)
+    assert dice(on_whole_volume(seed, box, labels), labels == TUMOR) > 0.9
+
+
+def test_a_new_lesion_seed_is_cut_off_where_it_leaks_along_a_thin_bridge():
+    ct, labels = scan([((60, 60, 60), 8.0)], spacing=(1.0, 1.0, 1.0), size=(120, 120, 120))
+    hu = sitk.GetArrayFromImage(ct)
+    hu[59:62, 59:62, 60:] = TUMOR_HU  # a 3 mm tube from the lesion's centre out of the seed's reach
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    seed, box = lesion_seed(with_hu(ct, hu), missed, (60, 60, 60), LIVER_HU)
+    assert dice(on_whole_volume(seed, box, labels), labels == TUMOR) > 0.9
+
+
+def test_a_click_without_contrast_seeds_a_ball():
+    ct, labels = scan([])
+    seed, box = lesion_seed(ct, labels, (10, 22, 24), LIVER_HU)
+    expected, expected_box = ball((10, 22, 24), SEED_RADIUS_MM, (2.5, 0.8, 0.8), labels.shape)
+    assert box == expected_box and np.array_equal(seed, expected)
 
 
 def test_a_lesion_larger_than_the_first_patch_is_followed_to_its_edge():

@@ -33,6 +33,16 @@ Choices and why:
   and a network keyed to absolute HU failed on scans whose liver was brighter than in training.
   The liver's median comes from the label map being edited (every ``LIVER_SAMPLE_STRIDE``-th
   voxel along each axis, so it costs a few milliseconds of a click).
+- A click on a missed lesion starts from the voxels around it that are nearer the click's HU
+  than the liver's (the half-way threshold of the CT smoothed by ``SEED_SMOOTHING_MM``), inside
+  the liver, connected to the click: a lesion is defined by its contrast against the parenchyma,
+  whichever sign it has. Where that region leaks (it reaches ``SEED_REACH_MM`` from the click,
+  for instance along the liver's partial-volume rim or a vessel of like HU) it is opened
+  with growing radii (``SEED_OPENING_MM``) until the click's piece is enclosed. Where there is no
+  contrast, no enclosed piece or one smaller than a ``SEED_RADIUS_MM`` ball, the ball is the
+  seed. From the ball alone the network grew no lesion larger than a few mL: on 13 lesions of
+  validation phantoms (seeds 800500-800507) a click at the lesion's deepest point scored Dice 0.40
+  from the ball and 0.84 from this seed.
 - A negative click is an edit, not a network call: on the body of a tumor it removes the tumor;
   on a thin offshoot (a leak) it removes the offshoot only. The offshoot is what separates from
   the body when the tumor is eroded (a distance-transform threshold), which keeps the result
@@ -64,7 +74,12 @@ MARGIN_MM = 4.0
 NEAR_MM = 10.0
 """A click this close to a tumor refers to it; farther away it starts a new lesion."""
 SEED_RADIUS_MM = 4.0
-"""The coarse mask of a new lesion: a ball around the click."""
+"""The coarse mask of a new lesion where its contrast gives none: a ball around the click."""
+SEED_REACH_MM = 50.0
+"""A new lesion's seed grows at most this far from the click; reaching it counts as a leak."""
+SEED_SMOOTHING_MM = 1.0
+SEED_MIN_CONTRAST_HU = 10.0
+SEED_OPENING_MM = (1.0, 2.0, 3.0, 4.0)
 MAX_GROWTH_STEPS = 3
 TRIM_STEPS = 12
 """Opening radii tried by a negative click (quantiles of the tumor's depth)."""
@@ -264,11 +279,12 @@ class Refiner:
         return paste_tumor(labels, box, component, kept, message)
 
     def add_lesion(self, ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int]) -> Change:
-        """A new lesion grown by the network from a small ball at ``point`` ([z, y, x])."""
+        """A new lesion grown by the network from :func:`lesion_seed` at ``point`` ([z, y, x])."""
         if labels[point] == 0:
             return Change(labels, None, "the click is outside the liver: no lesion added")
-        seed, box = ball(point, SEED_RADIUS_MM, _spacing_zyx(ct), labels.shape)
-        refined, region = self.refine_mask(ct, labels, seed, box)
+        reference_hu = liver_hu(ct, labels)
+        seed, box = lesion_seed(ct, labels, point, reference_hu)
+        refined, region = self.refine_mask(ct, labels, seed, box, reference_hu)
         refined = _components_touching(refined, on_region(seed, box, region))
         if not refined.any():
             return Change(labels, None, "no lesion found at the click")
@@ -453,6 +469,54 @@ def _components_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     components = cc3d.connected_components(mask, connectivity=26)
     touched = np.unique(components[seed & mask])
     return np.isin(components, touched[touched > 0])
+
+
+def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
+                reference_hu: float) -> tuple[np.ndarray, Box]:
+    """The coarse mask (bool, on the returned box) of a new lesion at ``point`` ([z, y, x]): the
+    region of the click's contrast (see the module's docstring), else a ball."""
+    spacing = _spacing_zyx(ct)
+    seed, box = ball(point, SEED_RADIUS_MM, spacing, labels.shape)
+    region = widened_mm(tuple(slice(p, p + 1) for p in point), SEED_REACH_MM, spacing, labels.shape)
+    local = tuple(p - r.start for p, r in zip(point, region))
+    grown = _contrast_region(_crop(ct, region, pad=0), labels[region] > 0, local, reference_hu)
+    if grown is None:
+        return seed, box
+    enclosed = _enclosed_piece(grown, local, region, labels.shape, spacing)
+    if enclosed is None or enclosed.sum() < on_region(seed, box, region).sum():
+        return seed, box
+    return enclosed, region
+
+
+def _contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, int],
+                     reference_hu: float) -> np.ndarray | None:
+    """Liver voxels nearer the click's smoothed HU than ``reference_hu``; None without contrast."""
+    hu = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), SEED_SMOOTHING_MM))
+    clicked = float(hu[local])
+    if abs(clicked - reference_hu) < SEED_MIN_CONTRAST_HU:
+        return None
+    half_way = (clicked + reference_hu) / 2
+    return ((hu < half_way) if clicked < reference_hu else (hu > half_way)) & liver
+
+
+def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], region: Box, shape,
+                    spacing_zyx) -> np.ndarray | None:
+    """The piece of ``mask`` at ``local`` that stays inside ``region``, opening ``mask`` with
+    growing radii to cut the bridges it leaks through; None where no radius encloses it."""
+    piece = _component_at_voxel(mask, local)
+    for radius_mm in SEED_OPENING_MM:
+        if not piece.any() or not _touches_edge(piece, region, shape):
+            break
+        core = ndimage.distance_transform_edt(mask, sampling=spacing_zyx) > radius_mm
+        opened = (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= radius_mm) & mask
+        piece = _component_at_voxel(opened, local)
+    return piece if piece.any() and not _touches_edge(piece, region, shape) else None
+
+
+def _component_at_voxel(mask: np.ndarray, voxel: tuple[int, int, int]) -> np.ndarray:
+    components = cc3d.connected_components(mask, connectivity=6)
+    number = components[voxel]
+    return components == number if number else np.zeros_like(mask)
 
 
 def ball(point, radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
