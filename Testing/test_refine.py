@@ -189,13 +189,24 @@ def test_a_new_lesion_starts_from_the_voxels_of_its_contrast(contrast_hu):
     assert dice(on_whole_volume(seed, box, labels), labels == TUMOR) > 0.9
 
 
-def test_a_new_lesion_seed_is_cut_off_where_it_leaks_along_a_thin_bridge():
-    ct, labels = scan([((60, 60, 60), 8.0)], spacing=(1.0, 1.0, 1.0), size=(120, 120, 120))
-    hu = sitk.GetArrayFromImage(ct)
-    hu[59:62, 59:62, 60:] = TUMOR_HU  # a 3 mm tube from the lesion's centre out of the seed's reach
+def test_a_new_lesion_seed_is_cut_off_where_it_leaks_into_a_vessel_thinner_than_the_lesion():
+    ct, labels = scan([((60, 60, 60), 12.0)], spacing=(1.0, 1.0, 1.0), size=(120, 120, 120))
+    k, j, i = np.indices(labels.shape)
+    vessel = (np.hypot(k - 60, j - 60) <= 6.0) & (i >= 60)  # 12 mm wide, out of the seed's reach
     missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
-    seed, box = lesion_seed(with_hu(ct, hu), missed, (60, 60, 60), LIVER_HU)
+    seed, box = lesion_seed(with_hu(ct, np.where(vessel, TUMOR_HU, sitk.GetArrayFromImage(ct))), missed, (60, 60, 60),
+                            LIVER_HU)
     assert dice(on_whole_volume(seed, box, labels), labels == TUMOR) > 0.9
+
+
+def test_a_new_lesion_seed_has_no_holes():
+    ct, labels = scan([((24, 22, 10), 8.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 24))
+    k, j, i = np.indices(labels.shape)
+    core = np.sqrt((i - 24) ** 2 + (j - 22) ** 2 + (k - 10) ** 2) * 0.8 <= 3.0  # liver-like centre of a target lesion
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    hu = np.where(core, LIVER_HU, sitk.GetArrayFromImage(ct))
+    seed, box = lesion_seed(with_hu(ct, hu), missed, (10, 22, 24 + 7), LIVER_HU)  # on the ring, 5.6 mm out
+    assert on_whole_volume(seed, box, labels)[core].all()
 
 
 def test_a_click_without_contrast_seeds_a_ball():
