@@ -507,8 +507,8 @@ def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], region: Box, 
                     spacing_zyx) -> np.ndarray | None:
     """The piece of ``mask`` at ``local`` that stays inside ``region``, opening ``mask`` with
     growing radii to cut the bridges it leaks through; None where no radius encloses it. The
-    opening dilates only the click's part of the eroded mask, within its reach: a click costs
-    one distance transform of the whole region, not one per radius."""
+    opening dilates only the click's part of the eroded mask, in a box within the radius of it,
+    which is cheaper than the whole region once the bridges are cut."""
     def enclosed(piece: np.ndarray) -> bool:
         return piece.any() and not _touches_edge(piece, region, shape)
 
