@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
-from LiverTumorDARNLib.labels import TUMOR
+from LiverTumorDARNLib.metrics import evaluate_case, summarize
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, VALIDATION_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import load_stages, segment
 
@@ -35,22 +34,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     stages = {folder: load_stages(folder, device) for folder in args.folders}
-    per_case = {folder: [] for folder in args.folders}
-    overlap = {folder: np.zeros(2) for folder in args.folders}  # intersection, sum of sizes
+    cases = {folder: [] for folder in args.folders}
     for seed in range(args.first, args.first + args.cases):
         case = generate_case(seed)
-        truth = sitk.GetArrayFromImage(case.labels) == TUMOR
         line = f"seed {seed} ({len(case.tumors)} tumors)"
         for folder in args.folders:
-            predicted = sitk.GetArrayFromImage(segment(case.image, *stages[folder], device).labels) == TUMOR
-            both, total = int((predicted & truth).sum()), int(predicted.sum() + truth.sum())
-            per_case[folder].append(1.0 if total == 0 else 2 * both / total)
-            overlap[folder] += (both, total)
-            line += f" | {folder.name} {per_case[folder][-1]:.3f}"
+            labels = sitk.GetArrayFromImage(segment(case.image, *stages[folder], device).labels)
+            cases[folder].append(evaluate_case(sitk.GetArrayViewFromImage(case.labels), labels,
+                                               case.image.GetSpacing(), f"seed-{seed}"))
+            line += f" | {folder.name} {cases[folder][-1].tumor_dice:.3f}"
         print(line, flush=True)
     for folder in args.folders:
-        both, total = overlap[folder]
-        print(f"{folder}: tumor Dice per case {np.mean(per_case[folder]):.3f}, global {2 * both / max(total, 1):.3f}")
+        summary = summarize(cases[folder])
+        print(f"{folder}: tumor Dice per case {summary['dice_per_case']:.3f}, global {summary['dice_global']:.3f}")
 
 
 if __name__ == "__main__":

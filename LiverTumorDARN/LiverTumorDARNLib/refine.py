@@ -481,7 +481,7 @@ def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
     """The coarse mask (bool, on the returned box) of a new lesion at ``point`` ([z, y, x]): the
     region of the click's contrast (see the module's docstring), else a ball."""
     spacing = _spacing_zyx(ct)
-    region = widened_mm(tuple(slice(p, p + 1) for p in point), SEED_REACH_MM, spacing, labels.shape)
+    region = widened_mm(_voxel_box(point), SEED_REACH_MM, spacing, labels.shape)
     local = tuple(p - r.start for p, r in zip(point, region))
     grown = _contrast_region(_crop(ct, region, pad=0), labels[region] > 0, local, reference_hu)
     enclosed = None if grown is None else _enclosed_piece(grown, local, region, labels.shape, spacing)
@@ -529,14 +529,18 @@ def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], region: Box, 
 
 
 def _component_at_voxel(mask: np.ndarray, voxel: tuple[int, int, int]) -> np.ndarray:
+    """The 6-connected piece of ``mask`` at ``voxel``: a seed must not leak through corners."""
     components = cc3d.connected_components(mask, connectivity=6)
     number = components[voxel]
     return components == number if number else np.zeros_like(mask)
 
 
+def _voxel_box(point: tuple[int, int, int]) -> Box:
+    return tuple(slice(p, p + 1) for p in point)
+
+
 def ball(point, radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
-    reach = [int(math.ceil(radius_mm / s)) for s in spacing_zyx]
-    box = tuple(slice(max(0, p - r), min(n, p + r + 1)) for p, r, n in zip(point, reach, shape))
+    box = widened_mm(_voxel_box(point), radius_mm, spacing_zyx, shape)
     grids = np.meshgrid(*[(np.arange(b.start, b.stop) - p) * s for b, p, s in zip(box, point, spacing_zyx)],
                         indexing="ij")
     return sum(g ** 2 for g in grids) <= radius_mm ** 2, box

@@ -4,8 +4,8 @@ The coarse masks are what the network will be given in use:
 - DARN's own predictions on the training scans (the bundled weights, or ``--models``), and
 - synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
   a missing piece, an extra piece, merged with a neighbouring blob, a seed ball (a click on a missed
-  lesion whose contrast gives no seed, ``refine.lesion_seed``), a blob in tumor-free liver (a false positive, target: nothing), and the truth itself
-  (a good mask must stay good).
+  lesion whose contrast gives no seed, ``refine.lesion_seed``), a blob in tumor-free liver (a false
+  positive, target: nothing), and the truth itself (a good mask must stay good).
 Patches are cut by the same ``refine.patch_around`` / ``patch_inputs`` as inference, around the
 coarse mask, so training sees exactly the geometry a click produces. The target is every true
 tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two classes.
