@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -56,8 +57,9 @@ def score(labels: np.ndarray, truth: np.ndarray, region) -> tuple[float, float]:
     return overlap(labels[region] == TUMOR, truth[region] == TUMOR)
 
 
-def tumor_experiments(case, darn_labels: np.ndarray, refiner: Refiner, rng) -> list[dict]:
-    """One row per (tumor, experiment): coarse, refined and DARN scores in the tumor's neighbourhood."""
+def tumor_experiments(case, darn_labels: np.ndarray | None, refiner: Refiner, rng) -> list[dict]:
+    """One row per (tumor, experiment): coarse, refined and DARN scores in the tumor's neighbourhood
+    (DARN's NaN where ``darn_labels`` is None)."""
     ct, truth = case.image, sitk.GetArrayFromImage(case.labels)
     spacing = tuple(ct.GetSpacing()[::-1])
     components = cc3d.connected_components(truth == TUMOR, connectivity=26)
@@ -65,7 +67,7 @@ def tumor_experiments(case, darn_labels: np.ndarray, refiner: Refiner, rng) -> l
     for number, box in enumerate(ndimage.find_objects(components), start=1):
         region = widened_mm(box, NEIGHBOURHOOD_MM, spacing, truth.shape)
         true_tumor = components[region] == number
-        darn = score(darn_labels, truth, region)
+        darn = (math.nan, math.nan) if darn_labels is None else score(darn_labels, truth, region)
         for kind in (*CORRUPTIONS, "good"):
             coarse, coarse_tumor = corrupted_map(truth, region, true_tumor, kind, spacing, rng)
             if not coarse_tumor.any():
@@ -152,13 +154,17 @@ def mean(rows, key, index=0, where=lambda row: True) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def print_tables(rows: list[dict], whole: dict) -> dict:
+def print_kind_table(rows: list[dict]) -> None:
     print(f"{'experiment':26s} {'n':>4s} {'coarse Dice':>12s} {'refined Dice':>13s} {'DARN Dice':>10s} "
           f"{'coarse VOE':>11s} {'refined VOE':>12s}")
     for kind in (*CORRUPTIONS, "good", "click on missed lesion"):
         subset = [row for row in rows if row["kind"] == kind]
         print(f"{kind:26s} {len(subset):4d} {mean(subset, 'coarse'):12.3f} {mean(subset, 'refined'):13.3f} "
               f"{mean(subset, 'darn'):10.3f} {mean(subset, 'coarse', 1):11.3f} {mean(subset, 'refined', 1):12.3f}")
+
+
+def summarize_rows(rows: list[dict]) -> dict:
+    """The issue's measures over the experiment rows: corrupted masks, good masks, clicks."""
     corrupted = [row for row in rows if row["kind"] in CORRUPTIONS]
     good = [row for row in rows if row["kind"] != "click on missed lesion" and row["coarse"][0] >= 0.9]
     clicked = [row for row in rows if row["kind"] == "click on missed lesion"]
@@ -167,13 +173,18 @@ def print_tables(rows: list[dict], whole: dict) -> dict:
         "corrupted_coarse_voe": mean(corrupted, "coarse", 1), "corrupted_refined_voe": mean(corrupted, "refined", 1),
         "darn_dice": mean(corrupted, "darn"),
         "good_coarse_dice": mean(good, "coarse"), "good_refined_dice": mean(good, "refined"),
-        "click_new_lesion_dice": mean(clicked, "refined"), **whole}
+        "click_new_lesion_dice": mean(clicked, "refined")}
     results["dice_gain_corrupted"] = results["corrupted_refined_dice"] - results["corrupted_coarse_dice"]
     results["good_mask_change"] = results["good_refined_dice"] - results["good_coarse_dice"]
+    return results
+
+
+def print_tables(rows: list[dict], whole: dict) -> dict:
+    print_kind_table(rows)
     print(f"\nWhole cases, tumor Dice per case / global: DARN {whole['darn_dice_per_case']:.3f} / "
           f"{whole['darn_dice_global']:.3f}; DARN + refine all {whole['refined_dice_per_case']:.3f} / "
           f"{whole['refined_dice_global']:.3f}")
-    return results
+    return summarize_rows(rows) | whole
 
 
 def main() -> None:
