@@ -357,9 +357,11 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     if not ids["liver"]:
         raise InputError(f'{segmentation_node.GetName()} has no "{LIVER_SEGMENT.name}" segment of this module; '
                          f'run "Segment tumors" first')
-    # Exported in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win overlaps).
+    # Exported in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win
+    # overlaps), so the minimum with TUMOR (= LIVER + 1) is the label: one pass over the volume,
+    # where a comparison, a choice and two casts cost a tenth of a second of every click.
     exported = _exported_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
-    return np.where(exported > LIVER, TUMOR, exported).astype(np.uint8)
+    return np.minimum(exported, TUMOR).astype(np.uint8)
 
 
 def _exported_labels(segmentation_node, volume_node, segment_ids: list[str]) -> np.ndarray:
@@ -375,7 +377,7 @@ def _exported_labels(segmentation_node, volume_node, segment_ids: list[str]) -> 
                 segmentation_node, segment_ids, labelmap_node, volume_node,
                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
             raise RuntimeError(f"could not export the segments of {segmentation_node.GetName()}")
-        return slicer.util.arrayFromVolume(labelmap_node).astype(np.int32)
+        return slicer.util.arrayFromVolume(labelmap_node).copy()  # the node's voxels go with it
     finally:
         scene.RemoveNode(labelmap_node)
 
