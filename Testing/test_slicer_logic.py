@@ -341,6 +341,15 @@ def test_a_click_writes_the_refiners_labels_and_nothing_outside_its_box(two_tumo
     np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), expected.labels)
 
 
+def test_a_segmentation_moved_off_the_volumes_transform_is_refused_and_left_as_it_was(two_tumors, mrml_scene):
+    ct, truth, volume, segmentation = two_tumors
+    segmentation.SetAndObserveTransformNodeID(mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    with pytest.raises(InputError, match="under different transforms"):
+        logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)))
+    segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), shrunk(truth))
+
+
 def test_a_negative_click_removes_the_tumor_under_it(two_tumors):
     ct, _truth, volume, segmentation = two_tumors
     logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)), positive=False)

@@ -250,14 +250,20 @@ def tumor_color(number: int) -> tuple[float, float, float]:
     return colorsys.hls_to_rgb(shifted, lightness, saturation)
 
 
-def _oriented_labelmap(mask: np.ndarray, volume_node, box: tuple[slice, slice, slice]) -> slicer.vtkOrientedImageData:
-    """A binary labelmap on the volume's own grid covering ``box`` ([k, j, i] slices of the volume)."""
+def _grid(volume_node, box: tuple[slice, slice, slice]) -> slicer.vtkOrientedImageData:
+    """An image without voxels: the volume's own grid over ``box`` ([k, j, i] slices of the volume)."""
     image = slicer.vtkOrientedImageData()
     (k0, k1), (j0, j1), (i0, i1) = ((s.start, s.stop) for s in box)
     image.SetExtent(i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+    image.SetImageToWorldMatrix(_matrix_from_array(local_ijk_to_ras(volume_node)))
+    return image
+
+
+def _oriented_labelmap(mask: np.ndarray, volume_node, box: tuple[slice, slice, slice]) -> slicer.vtkOrientedImageData:
+    """A binary labelmap on the volume's own grid covering ``box``."""
+    image = _grid(volume_node, box)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.astype(np.uint8).ravel()
-    image.SetImageToWorldMatrix(_matrix_from_array(local_ijk_to_ras(volume_node)))
     return image
 
 
@@ -364,22 +370,30 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     return np.minimum(exported, TUMOR).astype(np.uint8)
 
 
-def _exported_labels(segmentation_node, volume_node, segment_ids: list[str]) -> np.ndarray:
-    """Segments exported by Slicer onto the volume's grid ([k, j, i]): the n-th of ``segment_ids``
-    becomes value n + 1, later segments winning overlaps; all zero for no segment."""
-    shape = slicer.util.arrayFromVolume(volume_node).shape
+def _exported_labels(segmentation_node, volume_node, segment_ids: list[str], box=None) -> np.ndarray:
+    """Segments merged onto the volume's grid inside ``box`` (default: the whole grid), [k, j, i]:
+    the n-th of ``segment_ids`` becomes value n + 1, later segments winning overlaps; all zero for
+    no segment.
+
+    Slicer's own merge (the one its label map export runs) onto a grid of our making: no temporary
+    label map node, and a box costs what the box holds. Segments are written on the volume's own
+    grid under the volume's transform (:func:`write_segments`), so the grid is read the same way.
+    """
+    box = box or _full_box(slicer.util.arrayFromVolume(volume_node))
+    shape = tuple(s.stop - s.start for s in box)
     if not segment_ids:  # Slicer reads an empty list as "every segment", the user's included
-        return np.zeros(shape, np.int32)
-    scene = segmentation_node.GetScene()
-    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    try:
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, segment_ids, labelmap_node, volume_node,
-                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-            raise RuntimeError(f"could not export the segments of {segmentation_node.GetName()}")
-        return slicer.util.arrayFromVolume(labelmap_node).copy()  # the node's voxels go with it
-    finally:
-        scene.RemoveNode(labelmap_node)
+        return np.zeros(shape, np.int16)
+    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+        raise InputError(f"{segmentation_node.GetName()} and {volume_node.GetName()} are under different "
+                         f"transforms; put the segmentation under the volume's transform (Transforms module)")
+    ids = vtk.vtkStringArray()
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
+    merged = slicer.vtkOrientedImageData()
+    if not segmentation_node.GenerateMergedLabelmapForAllSegments(
+            merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, _grid(volume_node, box), ids):
+        raise RuntimeError(f"could not read the segments of {segmentation_node.GetName()}")
+    return numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars()).reshape(shape).copy()
 
 
 def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> None:
@@ -398,31 +412,32 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
     if numbers == [None]:  # the one "Liver tumor" segment holds every tumor
         _replace_inside_box(segmentation_node, tumor_ids[0], labels[box] == TUMOR, volume_node, box)
         return
-    owners_before = _exported_labels(segmentation_node, volume_node, tumor_ids)
-    owners_after = tumor_owners(labels, owners_before, box, len(tumor_ids))
+    window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
+    inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
+    owners_before = _exported_labels(segmentation_node, volume_node, tumor_ids, window)
+    owners_after = tumor_owners(labels[window] == TUMOR, owners_before, len(tumor_ids))[inner]
     first_new_number = max((n for n in numbers if n is not None), default=0) + 1
     new_lesions = range(int(owners_after.max()) - len(tumor_ids))
     tumor_ids += [_add_segment(segmentation_node, TUMOR_SEGMENT, first_new_number + n) for n in new_lesions]
     for owner, segment_id in enumerate(tumor_ids, start=1):
         mask = owners_after == owner
-        if not np.array_equal(mask, owners_before[box] == owner):
+        if not np.array_equal(mask, owners_before[inner] == owner):
             _replace_inside_box(segmentation_node, segment_id, mask, volume_node, box)
 
 
-def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count: int) -> np.ndarray:
-    """Which tumor segment each voxel inside ``box`` belongs to after an edit: 0 for no tumor, n for
-    the n-th tumor segment, and past ``owner_count`` for new segments.
+def tumor_owners(tumor: np.ndarray, owners_before: np.ndarray, owner_count: int) -> np.ndarray:
+    """Which tumor segment each voxel belongs to after an edit: 0 for no tumor, n for the n-th
+    tumor segment, and past ``owner_count`` for new segments.
 
-    ``owners_before`` numbers the segments the same way before the edit, on the whole volume; the
-    edit changed ``labels`` inside ``box`` only. Each connected tumor (26-connected, looked at in the
-    box and one voxel around it, where nothing changed) goes to the segment that held most of its
-    voxels before: a refined tumor keeps its segment and the voxels it gained join it, and tumors
-    that grew into one join the larger. A tumor no segment held is a new lesion: it gets a new
-    segment, numbered on from ``owner_count``.
+    ``tumor`` (the tumor voxels after the edit) and ``owners_before`` (the segments before it,
+    numbered the same way) cover the edited box and one voxel around it, where nothing changed.
+    Each connected tumor (26-connected) goes to the segment that held most of its voxels before: a
+    refined tumor keeps its segment and the voxels it gained join it, and tumors that grew into one
+    join the larger. A tumor no segment held is a new lesion: it gets a new segment, numbered on
+    from ``owner_count``.
     """
-    window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
-    components = cc3d.connected_components(labels[window] == TUMOR, connectivity=26).astype(np.int64)
-    before = owners_before[window].astype(np.int64)
+    components = cc3d.connected_components(tumor, connectivity=26).astype(np.int64)
+    before = owners_before.astype(np.int64)
     count, columns = int(components.max()), owner_count + 1
     overlap = np.bincount((components * columns + before).ravel(), minlength=(count + 1) * columns)
     overlap = overlap.reshape(count + 1, columns)
@@ -431,8 +446,7 @@ def tumor_owners(labels: np.ndarray, owners_before: np.ndarray, box, owner_count
     new_lesions = np.flatnonzero(owner_of == 0)[1:]  # index 0 is the background
     owner_of[new_lesions] = owner_count + 1 + np.arange(len(new_lesions))
     owner_of[0] = 0
-    inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
-    return owner_of[components][inner]
+    return owner_of[components]
 
 
 # --------------------------------------------------------------------------------------------
