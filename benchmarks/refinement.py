@@ -12,7 +12,8 @@ On full-size phantoms from seeds 900000 + k (never trained on), for every true t
 4. Whole cases: DARN's label map against DARN followed by "refine all" (LiTS tumor Dice per
    case and global).
 5. Latency of one click (patch extraction, network, paste-back) on a 512x512x200 volume, by the
-   core alone and through the Slicer module's scene logic (segments read and written back).
+   core alone and through the Slicer module's scene logic (segments read and written back), with
+   the tumors in one segment and with one segment per tumor.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def click_latency(refiner: Refiner, clicks: int) -> dict:
     """Median seconds of a positive click on a tumor and on empty liver, 512x512x200 volume: the
     core alone (``click_seconds_*``) and through the Slicer module's scene logic on slicer-core's
     MRML classes, where the segments are read into a label map first and the changed box is
-    written back (``slicer_click_seconds_*``; left out where slicer-core is not installed)."""
+    written back (``slicer_click_seconds_*``, and ``slicer_per_tumor_click_seconds_*`` with one
+    segment per tumor; left out where slicer-core is not installed)."""
     case = generate_case(BENCHMARK_SEED_START + 500, size_xyz=(512, 512, 200))
     truth = sitk.GetArrayFromImage(case.labels)
     coarse = np.where(ndimage.binary_erosion(truth == TUMOR), TUMOR, np.minimum(truth, LIVER)).astype(np.uint8)
@@ -109,13 +111,16 @@ def click_latency(refiner: Refiner, clicks: int) -> dict:
         from LiverTumorDARNSceneLib import scene
     except ImportError:
         return results
-    return results | {f"slicer_click_seconds_{name}": seconds for name, seconds in
-                      slicer_click_latency(scene, case.image, coarse, refiner, points, clicks).items()}
+    for layout, per_tumor in (("slicer", False), ("slicer_per_tumor", True)):
+        results |= {f"{layout}_click_seconds_{name}": seconds for name, seconds in
+                    slicer_click_latency(scene, case.image, coarse, refiner, points, clicks, per_tumor).items()}
+    return results
 
 
 def slicer_click_latency(scene, ct: sitk.Image, coarse: np.ndarray, refiner: Refiner, points: dict,
-                         clicks: int) -> dict:
-    """``median_seconds`` of ``scene.refine_click`` on a scene holding ``ct`` and ``coarse`` as segments."""
+                         clicks: int, per_tumor: bool) -> dict:
+    """``median_seconds`` of ``scene.refine_click`` on a scene holding ``ct`` and ``coarse`` as segments,
+    the tumors in one segment or (``per_tumor``) one segment each."""
     scene.register_segmentation_converters()
     mrml = scene.slicer.vtkMRMLScene()
     volume = mrml.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
@@ -127,7 +132,7 @@ def slicer_click_latency(scene, ct: sitk.Image, coarse: np.ndarray, refiner: Ref
         scene.refine_click(volume, segmentation, refiner, (ijk_to_ras @ [*ijk, 1.0])[:3])
 
     def reset():  # every click starts from the same segments, untimed
-        scene.write_segments(segmentation, volume, coarse)
+        scene.write_segments(segmentation, volume, coarse, per_tumor)
 
     reset()
     slicer_click(points["tumor"][0][::-1])  # first call: allocations, not a click's cost

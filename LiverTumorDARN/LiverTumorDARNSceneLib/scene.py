@@ -363,14 +363,14 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     if not ids["liver"]:
         raise InputError(f'{segmentation_node.GetName()} has no "{LIVER_SEGMENT.name}" segment of this module; '
                          f'run "Segment tumors" first')
-    # Exported in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win
+    # Merged in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win
     # overlaps), so the minimum with TUMOR (= LIVER + 1) is the label: one pass over the volume,
     # where a comparison, a choice and two casts cost a tenth of a second of every click.
-    exported = _exported_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
-    return np.minimum(exported, TUMOR).astype(np.uint8)
+    merged = _merged_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
+    return np.minimum(merged, TUMOR).astype(np.uint8)
 
 
-def _exported_labels(segmentation_node, volume_node, segment_ids: list[str], box=None) -> np.ndarray:
+def _merged_labels(segmentation_node, volume_node, segment_ids: list[str], box=None) -> np.ndarray:
     """Segments merged onto the volume's grid inside ``box`` (default: the whole grid), [k, j, i]:
     the n-th of ``segment_ids`` becomes value n + 1, later segments winning overlaps; all zero for
     no segment.
@@ -414,7 +414,7 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
         return
     window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
     inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
-    owners_before = _exported_labels(segmentation_node, volume_node, tumor_ids, window)
+    owners_before = _merged_labels(segmentation_node, volume_node, tumor_ids, window)
     owners_after = tumor_owners(labels[window] == TUMOR, owners_before, len(tumor_ids))[inner]
     first_new_number = max((n for n in numbers if n is not None), default=0) + 1
     new_lesions = range(int(owners_after.max()) - len(tumor_ids))
