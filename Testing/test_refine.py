@@ -374,7 +374,7 @@ def test_an_untrained_refinement_network_gives_back_the_coarse_mask():
 # ------------------------------------------------------------------ training samples
 
 
-@pytest.mark.parametrize("kind", [kind for kind in CORRUPTIONS if kind not in ("darn", "false")])
+@pytest.mark.parametrize("kind", [kind for kind in CORRUPTIONS if kind not in ("darn", "click", "false")])
 def test_each_corruption_gives_a_wrong_mask_inside_the_liver(kind):
     _, labels = scan([((24, 22, 14), 6.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
     truth, organ = labels == TUMOR, labels > 0
@@ -396,6 +396,15 @@ def test_training_samples_are_cut_by_the_inference_patch_code(models_dir):
     with_tumor = [(inputs, target) for inputs, target in samples if target.any()]
     inputs, target = with_tumor[0]
     assert inputs[0][target.astype(bool)].mean() == pytest.approx((TUMOR_HU - LIVER_HU) / RELATIVE_HU_SCALE, abs=10 / RELATIVE_HU_SCALE)
+
+
+def test_a_click_sample_starts_from_the_seed_a_click_on_the_missed_tumor_grows(monkeypatch):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    truth = sitk.GetImageFromArray(labels)
+    truth.CopyInformation(ct)
+    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("click",))
+    inputs, target = draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0))
+    assert dice(inputs[1] > 0.5, target.astype(bool)) > 0.9  # a bright tumor's seed is the tumor
 
 
 def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):

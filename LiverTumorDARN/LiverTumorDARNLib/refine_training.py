@@ -3,8 +3,9 @@
 The coarse masks are what the network will be given in use:
 - DARN's own predictions on the training scans (the bundled weights, or ``--models``), and
 - synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
-  a missing piece, an extra piece, merged with a neighbouring blob, a seed ball (a click on a missed
-  lesion whose contrast gives no seed, ``refine.lesion_seed``), a blob in tumor-free liver (a false
+  a missing piece, an extra piece, merged with a neighbouring blob, the seed of a click on the
+  tumor as if it were missed (``refine.lesion_seed`` at a point inside it: "click"), the seed ball
+  (such a click where the contrast gives no seed: "seed"), a blob in tumor-free liver (a false
   positive, target: nothing), and the truth itself (a good mask must stay good).
 Patches are cut by the same ``refine.patch_around`` / ``patch_inputs`` as inference, around the
 coarse mask, so training sees exactly the geometry a click produces. The target is every true
@@ -39,11 +40,12 @@ from .metrics import dice
 from .models import build_model
 from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
-from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, liver_hu, on_region,
-                     paste_tumor, patch_around, patch_inputs, widened_mm)
+from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, lesion_seed, liver_hu,
+                     on_region, paste_tumor, patch_around, patch_inputs, widened_mm)
 from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
 
-CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "seed", "good", "false")
+CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "click", "seed", "good",
+               "false")
 MAX_GRADIENT_NORM = 12.0
 
 
@@ -143,13 +145,18 @@ def corrupt(truth: np.ndarray, organ: np.ndarray, kind: str, spacing_zyx, rng: n
             added |= ndimage.binary_dilation(added | truth, iterations=2) & ~truth & _segment_mask(truth, centre)
         return (truth | added) & organ
     if kind == "seed":
-        depth = ndimage.distance_transform_edt(truth, sampling=spacing)
-        inner = np.argwhere(depth >= depth.max() * rng.uniform(0.3, 0.9))
-        sphere, box = ball(tuple(inner[rng.integers(len(inner))]), SEED_RADIUS_MM, spacing, truth.shape)
+        sphere, box = ball(_inner_point(truth, spacing, rng), SEED_RADIUS_MM, spacing, truth.shape)
         seeded = np.zeros_like(truth)
         seeded[box] = sphere
         return seeded & organ
     raise ValueError(f"unknown corruption {kind!r}")
+
+
+def _inner_point(mask: np.ndarray, spacing_zyx, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A voxel of ``mask`` at 30-90 % of its greatest depth: where a radiologist clicks a lesion."""
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
+    inner = np.argwhere(depth >= depth.max() * rng.uniform(0.3, 0.9))
+    return tuple(int(i) for i in inner[rng.integers(len(inner))])
 
 
 def corrupted_map(truth: np.ndarray, region: tuple, true_tumor: np.ndarray, kind: str, spacing_zyx,
@@ -190,6 +197,8 @@ def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
         number = int(rng.integers(1, len(scan.tumor_boxes) + 1))
         if kind == "darn":
             drawn = _darn_component(scan, number)
+        elif kind == "click":
+            drawn = _click_seed(scan, number, rng)
         else:
             box = widened_mm(scan.tumor_boxes[number - 1], 12.0, scan.spacing_zyx, scan.truth.shape)
             drawn = corrupt(scan.tumors[box] == number, scan.organ[box], kind, scan.spacing_zyx, rng), box
@@ -214,6 +223,14 @@ def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
     found = int(np.argmax(overlap))
     darn_box = scan.darn_boxes[found - 1]
     return scan.darn[darn_box] == found, darn_box
+
+
+def _click_seed(scan: Scan, number: int, rng) -> tuple[np.ndarray, tuple]:
+    """What a click inside true tumor ``number`` starts from were the tumor missed: the seed reads
+    only the CT and where the liver is, so the true map serves."""
+    box = scan.tumor_boxes[number - 1]
+    local = _inner_point(scan.tumors[box] == number, scan.spacing_zyx, rng)
+    return lesion_seed(scan.ct, scan.truth, tuple(p + b.start for p, b in zip(local, box)), scan.liver_hu)
 
 
 def _false_positive(scan: Scan, rng) -> tuple[np.ndarray, tuple] | None:
