@@ -13,30 +13,22 @@ nor the benchmark (900000 upwards) draws from.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, VALIDATION_SEED_START, generate_case
+from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.refine import Refiner
+from validation_seeds import parse_comparison_args  # tools/, the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from refinement import print_kind_table, summarize_rows, tumor_experiments  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--first", type=int, default=VALIDATION_SEED_START + 600)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    if not (VALIDATION_SEED_START <= args.first and args.first + args.cases <= BENCHMARK_SEED_START):
-        parser.error(f"seeds must lie in the validation range {VALIDATION_SEED_START}..{BENCHMARK_SEED_START - 1}")
-    torch.set_num_threads(args.threads)
+    args = parse_comparison_args(__doc__.splitlines()[0], cases=8, first_offset=600)
     refiners = {folder: Refiner.load(folder, torch.device("cpu")) for folder in args.folders}
     rows = {folder: [] for folder in args.folders}
     for seed in range(args.first, args.first + args.cases):

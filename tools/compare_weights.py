@@ -11,27 +11,18 @@ training nor the benchmark (900000 upwards) draws from.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import SimpleITK as sitk
 import torch
 
 from LiverTumorDARNLib.metrics import evaluate_case, summarize
-from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, VALIDATION_SEED_START, generate_case
+from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.pipeline import load_stages, segment
+from validation_seeds import parse_comparison_args  # tools/, the script's own folder
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path)
-    parser.add_argument("--cases", type=int, default=12)
-    parser.add_argument("--first", type=int, default=VALIDATION_SEED_START + 10)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    if not (VALIDATION_SEED_START <= args.first and args.first + args.cases <= BENCHMARK_SEED_START):
-        parser.error(f"seeds must lie in the validation range {VALIDATION_SEED_START}..{BENCHMARK_SEED_START - 1}")
-    torch.set_num_threads(args.threads)
+    args = parse_comparison_args(__doc__.splitlines()[0], cases=12, first_offset=10)
     device = torch.device("cpu")
     stages = {folder: load_stages(folder, device) for folder in args.folders}
     cases = {folder: [] for folder in args.folders}
