@@ -32,7 +32,7 @@ TUMOR_DICE_FLOOR = 0.25
 GOOD_MASK_DICE_FLOOR = 0.95
 CUT_TUMORS_SEED = SAMPLE_SEED + 2
 """A phantom of the validation range (never trained on) with three tumors of 2.6 to 23 mL: the
-bundled refiner raises their mean Dice from 0.58 to 0.83 when each has lost a piece."""
+bundled refiner raises their mean Dice from 0.55 to 0.83 when each has lost a piece."""
 CUT_TUMOR_DICE_GAIN_FLOOR = 0.10
 
 
@@ -94,7 +94,7 @@ def test_the_bundled_refiner_restores_the_missing_piece_of_a_cut_tumor():
         true_tumor = tumors[region] == number
         coarse, cut = corrupted_map(truth, region, true_tumor, "missing", spacing, np.random.default_rng(0))
         refined = refiner.refine_tumor(case.image, coarse, cut, region).labels
-        coarse_dice.append(dice(cut, true_tumor))
+        coarse_dice.append(dice(coarse[region] == TUMOR, true_tumor))  # scored alike: the region's tumor
         refined_dice.append(dice(refined[region] == TUMOR, true_tumor))
     assert np.mean(refined_dice) >= np.mean(coarse_dice) + CUT_TUMOR_DICE_GAIN_FLOOR
 
