@@ -9,6 +9,8 @@ On full-size phantoms from seeds 900000 + k (never trained on), for every true t
    the tumor's neighbourhood (its box widened by 15 mm).
 2. Good masks (coarse Dice >= 0.9, the true mask included): they must stay as good on average.
 3. A click on empty liver where the tumor was removed from the map: Dice of the added lesion.
+   Measures 1-3 are also given by the true tumor's volume (``SIZE_CLASSES_ML``): lesions of a
+   few voxels, small and large ones do not gain alike, and one mean hides which fail.
 4. Whole cases: DARN's label map against DARN followed by "refine all" (LiTS tumor Dice per
    case and global).
 5. Latency of one click (patch extraction, network, paste-back) on a 512x512x200 volume, by the
@@ -42,6 +44,7 @@ from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_ma
 
 CORRUPTIONS = ("erode", "dilate", "shift", "smooth", "missing", "extra", "merged")
 NEIGHBOURHOOD_MM = 15.0
+SIZE_CLASSES_ML = (0.1, 5.0)
 TARGETS = {"dice_gain_corrupted": 0.08, "good_mask_change": 0.0, "click_new_lesion_dice": 0.70}
 LATENCY_TARGETS_S = {"cpu": 1.0, "cuda": 0.1}
 
@@ -68,21 +71,22 @@ def tumor_experiments(case, darn_labels: np.ndarray | None, refiner: Refiner, rn
     for number, box in enumerate(ndimage.find_objects(components), start=1):
         region = widened_mm(box, NEIGHBOURHOOD_MM, spacing, truth.shape)
         true_tumor = components[region] == number
+        volume_ml = float(true_tumor.sum() * np.prod(spacing) / 1000)
         darn = (math.nan, math.nan) if darn_labels is None else score(darn_labels, truth, region)
         for kind in (*CORRUPTIONS, "good"):
             coarse, coarse_tumor = corrupted_map(truth, region, true_tumor, kind, spacing, rng)
             if not coarse_tumor.any():
                 continue
             refined = refiner.refine_tumor(ct, coarse, coarse_tumor, region).labels
-            rows.append({"seed": case.seed, "tumor": number, "kind": kind, "coarse": score(coarse, truth, region),
-                         "refined": score(refined, truth, region), "darn": darn})
+            rows.append({"seed": case.seed, "tumor": number, "volume_ml": volume_ml, "kind": kind,
+                         "coarse": score(coarse, truth, region), "refined": score(refined, truth, region), "darn": darn})
         missed = truth.copy()
         missed[region][true_tumor] = LIVER
         depth = ndimage.distance_transform_edt(true_tumor, sampling=spacing)
         deepest = np.unravel_index(np.argmax(depth), depth.shape)
         point = [int(d + r.start) for d, r in zip(deepest, region)][::-1]
         added = refiner.click(ct, missed, point).labels
-        rows.append({"seed": case.seed, "tumor": number, "kind": "click on missed lesion",
+        rows.append({"seed": case.seed, "tumor": number, "volume_ml": volume_ml, "kind": "click on missed lesion",
                      "coarse": score(missed, truth, region), "refined": score(added, truth, region), "darn": darn})
     return rows
 
@@ -168,6 +172,26 @@ def print_kind_table(rows: list[dict]) -> None:
               f"{mean(subset, 'darn'):10.3f} {mean(subset, 'coarse', 1):11.3f} {mean(subset, 'refined', 1):12.3f}")
 
 
+def size_class(volume_ml: float) -> str:
+    small, large = SIZE_CLASSES_ML
+    if volume_ml < small:
+        return f"under {small:g} mL"
+    return f"{small:g} to {large:g} mL" if volume_ml < large else f"{large:g} mL and over"
+
+
+def print_size_table(rows: list[dict]) -> None:
+    """The issue's three measures for tumors of each size class (true volume)."""
+    print(f"{'true tumor volume':26s} {'tumors':>6s} {'corrupted coarse':>17s} {'refined':>8s} "
+          f"{'good masks change':>18s} {'click Dice':>11s}")
+    classes = {size_class(row["volume_ml"]): None for row in sorted(rows, key=lambda row: row["volume_ml"])}
+    for name in classes:
+        subset = [row for row in rows if size_class(row["volume_ml"]) == name]
+        summary = summarize_rows(subset)
+        tumors = len({(row["seed"], row["tumor"]) for row in subset})
+        print(f"{name:26s} {tumors:6d} {summary['corrupted_coarse_dice']:17.3f} {summary['corrupted_refined_dice']:8.3f} "
+              f"{summary['good_mask_change']:+18.3f} {summary['click_new_lesion_dice']:11.3f}")
+
+
 def summarize_rows(rows: list[dict]) -> dict:
     """The issue's measures over the experiment rows: corrupted masks, good masks, clicks."""
     corrupted = [row for row in rows if row["kind"] in CORRUPTIONS]
@@ -186,6 +210,8 @@ def summarize_rows(rows: list[dict]) -> dict:
 
 def print_tables(rows: list[dict], whole: dict) -> dict:
     print_kind_table(rows)
+    print()
+    print_size_table(rows)
     print(f"\nWhole cases, tumor Dice per case / global: DARN {whole['darn_dice_per_case']:.3f} / "
           f"{whole['darn_dice_global']:.3f}; DARN + refine all {whole['refined_dice_per_case']:.3f} / "
           f"{whole['refined_dice_global']:.3f}")

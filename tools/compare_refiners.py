@@ -24,7 +24,7 @@ from LiverTumorDARNLib.refine import Refiner
 from validation_seeds import parse_comparison_args  # tools/, the script's own folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from refinement import print_kind_table, summarize_rows, tumor_experiments  # noqa: E402
+from refinement import print_kind_table, print_size_table, summarize_rows, tumor_experiments  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +39,8 @@ def main() -> None:
     for folder in args.folders:
         print(f"\n{folder}")
         print_kind_table(rows[folder])
+        print()
+        print_size_table(rows[folder])
         summary = summarize_rows(rows[folder])
         print(f"corrupted masks {summary['dice_gain_corrupted']:+.3f}, good masks {summary['good_mask_change']:+.3f}, "
               f"click on a missed lesion {summary['click_new_lesion_dice']:.3f}")
