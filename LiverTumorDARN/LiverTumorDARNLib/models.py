@@ -400,10 +400,10 @@ class BoundaryRefinementNet(nn.Module):
     mask as a second input channel so the network attends to the boundary it must move; the output
     can shrink or expand the coarse mask. The paper fixes only that outline; our choices:
 
-    - A 3D encoder-decoder over ``widths`` levels (default 12, 24, 48, 96: a 48^3 patch reaches
-      6^3 at the bottom, enough to see the whole tumor and its rim). The widths keep one click
-      under a second on a 2-core CPU and the file under 8 MiB. Residual blocks, InstanceNorm and
-      LeakyReLU as in DARN, for the same reasons.
+    - A 3D encoder-decoder over ``widths`` levels (default 12, 24, 48, 96: the 32^3 patch of
+      ``refine.PATCH_SIZE`` reaches 4^3 at the bottom, enough to see the whole tumor and its
+      rim). The widths keep one click under a second on a 2-core CPU and the file under 8 MiB.
+      Residual blocks, InstanceNorm and LeakyReLU as in DARN, for the same reasons.
     - Skip connections through :class:`FeatureExtractionPath` with ``levels - 1 - i`` blocks at
       level i (3, 2, 1 for four levels): the paper's feature-extraction blocks.
     - Decoder: trilinear upsampling, concatenation with the skip path, one residual block.
