@@ -183,9 +183,10 @@ def print_size_table(rows: list[dict]) -> None:
     """The issue's three measures for tumors of each size class (true volume)."""
     print(f"{'true tumor volume':26s} {'tumors':>6s} {'corrupted coarse':>17s} {'refined':>8s} "
           f"{'good masks change':>18s} {'click Dice':>11s}")
-    classes = {size_class(row["volume_ml"]): None for row in sorted(rows, key=lambda row: row["volume_ml"])}
-    for name in classes:
-        subset = [row for row in rows if size_class(row["volume_ml"]) == name]
+    classes: dict[str, list[dict]] = {}  # smallest class first
+    for row in sorted(rows, key=lambda row: row["volume_ml"]):
+        classes.setdefault(size_class(row["volume_ml"]), []).append(row)
+    for name, subset in classes.items():
         summary = summarize_rows(subset)
         tumors = len({(row["seed"], row["tumor"]) for row in subset})
         print(f"{name:26s} {tumors:6d} {summary['corrupted_coarse_dice']:17.3f} {summary['corrupted_refined_dice']:8.3f} "

@@ -11,7 +11,6 @@ training nor the benchmark (900000 upwards) draws from.
 
 from __future__ import annotations
 
-
 import SimpleITK as sitk
 import torch
 
