@@ -446,3 +446,10 @@ def test_refinement_training_resumes_at_the_saved_iteration(lits_folder, models_
     train_refiner(tiny_training(tmp_path, lits_folder, models_dir, iterations=4, resume=True))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["iteration"] == 4 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4
+
+
+def test_refinement_training_runs_in_bfloat16_on_the_cpu_when_asked(lits_folder, models_dir, tmp_path):
+    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, amp=True))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["config"]["amp"] is True
+    assert all(value.dtype == torch.float32 for value in checkpoint["model"].values() if value.is_floating_point())

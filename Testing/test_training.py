@@ -179,3 +179,14 @@ def test_two_process_ddp_run_writes_one_checkpoint_with_identical_replicas(tmp_p
     assert checkpoint["iteration"] == 2
     assert len(checkpoint["replica_checksums"]) == 2 and len(set(checkpoint["replica_checksums"])) == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize("flags, amp", [([], None), (["--amp"], True), (["--no-amp"], False)])
+@pytest.mark.parametrize("stage", ["tumor", "refine"])
+def test_the_amp_option_reaches_the_training_settings_of_every_stage(tmp_path, stage, flags, amp):
+    from LiverTumorDARNLib import refine_training, training
+    from LiverTumorDARNLib.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--stage", stage, "--out", str(tmp_path), *flags])
+    config_from_args = refine_training.config_from_args if stage == "refine" else training.config_from_args
+    assert config_from_args(args).amp is amp

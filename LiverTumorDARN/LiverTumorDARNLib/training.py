@@ -740,7 +740,7 @@ _OPTION_FIELDS = {
     "batch_size": "batch_size", "lr": "learning_rate", "device": "device", "val_cases": "val_cases",
     "val_every": "val_every", "pool_size": "pool_size", "refresh_every": "refresh_every",
     "randomize_fraction": "randomize_fraction", "phantom_seed_start": "phantom_seed_start",
-    "patch_size": "patch_size", "seed": "seed", "threads": "num_threads",
+    "patch_size": "patch_size", "seed": "seed", "threads": "num_threads", "amp": "amp",
 }
 
 
