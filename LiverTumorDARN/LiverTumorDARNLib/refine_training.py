@@ -284,8 +284,9 @@ def train_refiner(config: RefineConfig) -> Path:
 
     The network runs in channels-last memory, and with ``amp`` under bfloat16 autocast (no loss
     scaling: bfloat16 has float32's range). Both are oneDNN's fast path on the CPU: on the 2-core
-    development machine (AVX-512 BF16) a step of 8 patches took 0.4 s against 0.9 s in float32
-    with the default layout, so a CPU-only user gets twice the iterations in the same hours.
+    development machine (AVX-512 BF16) a step of 8 patches takes 0.42 s with ``amp`` and 0.65 s
+    without (``benchmarks/training_step.py``); in the default layout a float32 step took about
+    0.9 s. Whether bfloat16 trains this network as well as float32 has not been measured.
     """
     from tqdm import tqdm
 
