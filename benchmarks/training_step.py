@@ -21,34 +21,34 @@ import torch
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.pipeline import STAGES, resolve_device
 from LiverTumorDARNLib.refine import PATCH_SIZE
-from LiverTumorDARNLib.refine_training import RefineConfig
+from LiverTumorDARNLib.refine_training import RefineConfig, training_logits
 from LiverTumorDARNLib.training import TrainConfig, deep_supervision_loss, dice_ce_loss, model_config
 
 
 def refine_step(device: torch.device, amp: bool):
+    """The refinement network and its loss on one batch, computed by the trainer's own forward."""
     model = build_model({"architecture": "refine", "widths": RefineConfig.widths}).to(
         device, memory_format=torch.channels_last_3d)
     batch = RefineConfig.batch_size
-    inputs = torch.randn(batch, 2, *[PATCH_SIZE] * 3, device=device).to(memory_format=torch.channels_last_3d)
+    inputs = torch.randn(batch, 2, *[PATCH_SIZE] * 3)
     targets = torch.randint(0, 2, (batch, *[PATCH_SIZE] * 3), device=device)
-    return model, lambda: dice_ce_loss(_forward(model, inputs, device, amp, torch.bfloat16), targets)
+    return model, lambda: dice_ce_loss(training_logits(model, inputs, device, amp), targets)
 
 
 def darn_step(device: torch.device, amp: bool):
+    """DARN's tumor stage and its deep-supervision loss, under the autocast of ``training._Trainer``
+    (the device's default type: bfloat16 on the CPU, float16 on CUDA)."""
     stage = STAGES["tumor"]
     model = build_model(model_config(TrainConfig(stage="tumor"), stage)).to(device)
     batch = TrainConfig.batch_size
     images = torch.randn(batch, 1, *stage.patch_size, device=device)
     labels = torch.randint(0, stage.num_classes, (batch, *stage.patch_size), device=device)
-    return model, lambda: deep_supervision_loss(_forward(model.forward_with_auxiliary, images, device, amp, None),
-                                                            labels)
 
+    def loss_of_batch():
+        with torch.autocast(device.type, enabled=amp):
+            return deep_supervision_loss(model.forward_with_auxiliary(images), labels)
 
-def _forward(network, inputs: torch.Tensor, device: torch.device, amp: bool, dtype: torch.dtype | None):
-    """``network(inputs)`` under the autocast its trainer uses (``dtype`` None: the device's default,
-    bfloat16 on the CPU, float16 on CUDA)."""
-    with torch.autocast(device.type, dtype=dtype, enabled=amp):
-        return network(inputs)
+    return model, loss_of_batch
 
 
 def median_step_seconds(build, device: torch.device, amp: bool, steps: int) -> float:

@@ -284,7 +284,7 @@ def train_refiner(config: RefineConfig) -> Path:
 
     The network runs in channels-last memory, and with ``amp`` under bfloat16 autocast (no loss
     scaling: bfloat16 has float32's range). Both are oneDNN's fast path on the CPU: on the 2-core
-    development machine (AVX-512 BF16) a step of 8 patches takes 0.42 s with ``amp`` and 0.65 s
+    development machine (AVX-512 BF16) a step of 8 patches takes about 0.42 s with ``amp`` and 0.65-0.72 s
     without (``benchmarks/training_step.py``); in the default layout a float32 step took about
     0.9 s. Whether bfloat16 trains this network as well as float32 has not been measured.
     """
@@ -337,9 +337,7 @@ def train_refiner(config: RefineConfig) -> Path:
                 group["lr"] = poly_learning_rate(config.learning_rate, iteration, config.iterations)
             model.train()
             inputs, targets = draw_batch(scans, config.batch_size, rng)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(inputs.to(device, memory_format=torch.channels_last_3d))
-            loss = dice_ce_loss(logits, targets.to(device))
+            loss = dice_ce_loss(training_logits(model, inputs, device, amp), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRADIENT_NORM)
@@ -357,6 +355,13 @@ def train_refiner(config: RefineConfig) -> Path:
             progress.set_postfix(loss=f"{loss.item():.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in scores.items()})
             progress.update()
     return last_path
+
+
+def training_logits(model: torch.nn.Module, inputs: torch.Tensor, device: torch.device, amp: bool) -> torch.Tensor:
+    """The model's logits on a training batch, as ``train_refiner`` computes them: channels-last,
+    under bfloat16 autocast when ``amp``."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return model(inputs.to(device, memory_format=torch.channels_last_3d))
 
 
 def _validation_samples(scans: list[Scan], per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
