@@ -4,16 +4,20 @@ The networks here are tiny TorchScript stand-ins that threshold intensity, so ev
 geometry and bookkeeping, independent of trained weights.
 """
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
+from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import to_canonical
 from LiverTumorDARNLib.metrics import dice
 from LiverTumorDARNLib.phantom import generate_case
-from LiverTumorDARNLib.pipeline import (STAGES, Stage, gaussian_importance, postprocess, prepare_case,
-                                        segment, sliding_window, working_grid)
+from LiverTumorDARNLib.pipeline import (STAGES, Stage, drop_unconfident_tumors, gaussian_importance, load_stages,
+                                        postprocess, prepare_case, segment, sliding_window, working_grid)
 from LiverTumorDARNLib.report import longest_axial_diameter, measure
 
 LIVER_HU, TUMOR_HU, SURROUNDINGS_HU = 120, 30, 400  # surroundings bright: no ramp crosses tumor HU
@@ -128,6 +132,67 @@ def test_postprocess_keeps_the_main_liver_and_drops_tumor_specks():
     cleaned = postprocess(labels, (1.0, 1.0, 1.0))
     assert cleaned[20, 20, 8] == 1 and cleaned[12, 12, 12] == 2
     assert not cleaned[27:29, 27:29, 27:29].any()
+
+
+def two_tumors_of_differing_confidence() -> tuple[np.ndarray, np.ndarray]:
+    labels = np.ones((20, 20, 20), np.uint8)
+    labels[2:6, 2:6, 2:6] = labels[12:16, 12:16, 12:16] = 2
+    probability = np.zeros(labels.shape, np.float32)
+    probability[2:6, 2:6, 2:6], probability[12:16, 12:16, 12:16] = 0.9, 0.6
+    return labels, probability
+
+
+def test_tumors_under_the_confidence_floor_are_given_back_to_the_liver():
+    labels, probability = two_tumors_of_differing_confidence()
+    drop_unconfident_tumors(labels, probability, 0.75)
+    assert (labels[2:6, 2:6, 2:6] == 2).all() and (labels[12:16, 12:16, 12:16] == 1).all()
+
+
+def test_without_a_confidence_floor_every_tumor_stays():
+    labels, probability = two_tumors_of_differing_confidence()
+    drop_unconfident_tumors(labels, probability, 0.0)
+    assert (labels == 2).sum() == 2 * 4 ** 3
+
+
+def test_segment_gives_the_tumors_its_network_is_unsure_of_to_the_liver():
+    class UnsureTumor(torch.nn.Module):
+        """TumorByIntensity with the tumor's logit margin cut to 1.1: tumor probability 0.6."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tumor = (x < 0.3).float()
+            liver = (x < 1.8).float() - tumor
+            return torch.cat([1 - tumor - liver, liver, tumor * 0.11], dim=1) * 10
+
+    ct, truth = sphere_scan("LPS")
+    unsure = torch.jit.script(UnsureTumor())
+    kept = segment(ct, stages()[0], Stage(unsure, STAGES["tumor"], 0.5), torch.device("cpu"))
+    dropped = segment(ct, stages()[0], Stage(unsure, STAGES["tumor"], 0.75), torch.device("cpu"))
+    assert dice(sitk.GetArrayFromImage(to_canonical(kept.labels)) == 2, truth == 2) > 0.9
+    labels = sitk.GetArrayFromImage(to_canonical(dropped.labels))
+    assert not (labels == 2).any() and dice(labels > 0, truth > 0) > 0.97
+
+
+def with_tumor_floor(models_dir, folder, value):
+    shutil.copytree(models_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"]["tumor"]["postprocessing"] = {"min_tumor_confidence": value}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_the_tumor_confidence_floor_comes_with_the_weights(models_dir, tmp_path):
+    liver, tumor = load_stages(with_tumor_floor(models_dir, tmp_path / "models", 0.6), torch.device("cpu"))
+    assert (liver.min_tumor_confidence, tumor.min_tumor_confidence) == (0.0, 0.6)
+
+
+def test_weights_without_a_floor_keep_every_tumor(models_dir):
+    assert load_stages(models_dir, torch.device("cpu"))[1].min_tumor_confidence == 0.0
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "high", True])
+def test_a_floor_that_is_not_a_probability_is_refused_in_one_line(models_dir, tmp_path, value):
+    with pytest.raises(InputError, match="min_tumor_confidence .* is not a probability in \\[0, 1\\)"):
+        load_stages(with_tumor_floor(models_dir, tmp_path / "models", value), torch.device("cpu"))
 
 
 def test_longest_axial_diameter_of_a_disk_is_its_diameter():

@@ -58,6 +58,16 @@ def test_an_existing_weights_file_is_replaced_only_when_asked(trained, tmp_path)
     assert export_checkpoint(checkpoint, tmp_path / "models", overwrite=True) == path
 
 
+def test_new_tumor_weights_drop_the_confidence_floor_chosen_for_the_old_ones(trained, tmp_path):
+    checkpoint, _ = trained
+    export_checkpoint(checkpoint, tmp_path / "models")
+    manifest = load_manifest(tmp_path / "models")
+    manifest["models"]["tumor"]["postprocessing"] = {"min_tumor_confidence": 0.75}
+    (tmp_path / "models" / "manifest.json").write_text(json.dumps(manifest))
+    export_checkpoint(checkpoint, tmp_path / "models", overwrite=True)
+    assert "postprocessing" not in load_manifest(tmp_path / "models")["models"]["tumor"]
+
+
 def test_a_changed_byte_is_refused_before_torchscript_loads_the_file(trained, tmp_path, monkeypatch):
     checkpoint, _ = trained
     path = export_checkpoint(checkpoint, tmp_path / "models")

@@ -21,6 +21,12 @@ Choices and why:
   smooth at the input's resolution instead of 1.5 mm staircases.
 - Post-processing: the largest connected liver (with its tumors) is kept, tumors exist only in
   it, and tumor specks under ``MIN_TUMOR_MM3`` are given back to the liver.
+- Tumors the network is unsure of are given back to the liver: a tumor component whose mean
+  tumor probability is under the weights' ``min_tumor_confidence`` (false-positive reduction as in
+  the LiTS entries; nnU-Net likewise chooses its post-processing on validation cases). The value
+  belongs to the weights, not to the code: a sharper network needs another one, so it is chosen on
+  validation cases by ``tools/calibrate_tumor_confidence.py`` and kept in their manifest, and
+  weights without it keep every component.
 """
 
 from __future__ import annotations
@@ -211,10 +217,11 @@ def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], image: np.nd
 
 @dataclasses.dataclass
 class Stage:
-    """A loaded network and the grid it works on."""
+    """A loaded network, the grid it works on and (tumor stage) its calibrated confidence floor."""
 
     model: torch.jit.ScriptModule
     spec: StageSpec
+    min_tumor_confidence: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -255,11 +262,19 @@ def locate_liver(canonical: sitk.Image, liver: Stage, device, progress) -> tuple
 
 def segment_liver_box(canonical: sitk.Image, box, tumor: Stage, device, progress) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Stage 2: labels on the original canonical voxels inside the box, and where they go."""
+    probabilities, slices = liver_box_probabilities(canonical, box, tumor, device, progress)
+    labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+    drop_unconfident_tumors(labels, probabilities[TUMOR], tumor.min_tumor_confidence)
+    return labels, slices
+
+
+def liver_box_probabilities(canonical: sitk.Image, box, tumor: Stage, device,
+                            progress) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Stage 2's class probabilities [C, z, y, x] on the original canonical voxels inside the box."""
     region, slices = crop_to_box(canonical, box)
     prepared = on_working_grid(region, tumor.spec)
     probabilities = _predict(tumor, prepared, device, progress)
-    labels = np.argmax(_resample_probabilities(probabilities, prepared.grid, region), axis=0).astype(np.uint8)
-    return labels, slices
+    return _resample_probabilities(probabilities, prepared.grid, region), slices
 
 
 def _resample_probabilities(probabilities: np.ndarray, grid: sitk.Image, target: sitk.Image) -> np.ndarray:
@@ -271,6 +286,25 @@ def _resample_probabilities(probabilities: np.ndarray, grid: sitk.Image, target:
         channels.append(sitk.GetArrayFromImage(
             sitk.Resample(image, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)))
     return np.stack(channels)
+
+
+def tumor_confidences(labels: np.ndarray, tumor_probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tumor components (26-connected, numbered from 1) and each one's mean tumor probability
+    (index 0 unused)."""
+    components = cc3d.connected_components(labels == TUMOR, connectivity=26)
+    sizes = np.bincount(components.ravel())
+    sums = np.bincount(components.ravel(), weights=tumor_probability.ravel(), minlength=len(sizes))
+    return components, sums / np.maximum(sizes, 1)
+
+
+def drop_unconfident_tumors(labels: np.ndarray, tumor_probability: np.ndarray, min_confidence: float) -> None:
+    """Give tumor components whose mean tumor probability is under ``min_confidence`` to the liver,
+    in place. Whole components go: a threshold on voxels would only shave every tumor's rim."""
+    if min_confidence <= 0:
+        return
+    components, confidence = tumor_confidences(labels, tumor_probability)
+    unsure = np.flatnonzero(confidence < min_confidence)
+    labels[np.isin(components, unsure[unsure > 0])] = LIVER
 
 
 def postprocess(labels: np.ndarray, spacing_xyz) -> np.ndarray:
@@ -350,5 +384,13 @@ def load_stages(models_dir: Path, device: torch.device) -> tuple[Stage, Stage]:
         module, entry = load_model(models_dir, name, str(device))
         spec = StageSpec(**{key: tuple(value) if isinstance(value, list) else value
                             for key, value in entry["stage"].items()})
-        stages.append(Stage(module, spec))
+        stages.append(Stage(module, spec, _min_tumor_confidence(entry, models_dir, name)))
     return stages[0], stages[1]
+
+
+def _min_tumor_confidence(entry: dict, models_dir: Path, name: str) -> float:
+    value = (entry.get("postprocessing") or {}).get("min_tumor_confidence", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InputError(f"{Path(models_dir) / 'manifest.json'}: the {name} model's min_tumor_confidence {value!r} "
+                         f"is not a probability in [0, 1); re-run tools/calibrate_tumor_confidence.py --write")
+    return float(value)

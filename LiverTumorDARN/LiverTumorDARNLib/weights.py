@@ -9,7 +9,7 @@
                           "stage": {StageSpec fields},
                           "training": {data, iterations, machine, command, ...},
                           "metrics": {...}},
-                "tumor": {...}}}
+                "tumor": {..., "postprocessing": {"min_tumor_confidence": 0.75, "chosen_on": "..."}}}}
 
 Why it is built this way:
 - Inference loads only TorchScript (``torch.jit.load``), never the Python model class, so a
@@ -20,6 +20,8 @@ Why it is built this way:
 - Files are capped at :data:`MAX_MODEL_BYTES` because they ship inside the extension package.
 - The manifest keeps the architecture and the training record, so anyone can see what a file
   was trained on and rebuild it.
+- The tumor entry's ``postprocessing`` is calibrated for that file on validation cases
+  (``tools/calibrate_tumor_confidence.py``), so exporting new tumor weights drops it.
 """
 
 from __future__ import annotations
