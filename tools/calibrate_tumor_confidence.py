@@ -18,6 +18,7 @@ were not trained on.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import read_ct, read_image, to_canonical, write_json
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.phantom import generate_case
@@ -118,6 +120,13 @@ def main() -> None:
         parser.add_argument("--write", action="store_true", help="store the best floor in each FOLDER's manifest")
 
     args = parse_comparison_args(__doc__.splitlines()[0], cases=48, first_offset=10, extend=extend)
+    try:
+        run(args)
+    except InputError as error:  # a wrong folder or case: one line, as the livertumordarn command says it
+        sys.exit(f"calibrate_tumor_confidence: error: {error}")
+
+
+def run(args) -> None:
     device = torch.device("cpu")
     stages = {folder: load_stages(folder, device) for folder in args.folders}
     cases = {folder: [] for folder in args.folders}
