@@ -55,3 +55,23 @@ def test_scan_where_no_liver_is_found_gives_an_empty_label_map_and_says_so(model
     assert main(["segment", str(ct_file), "-o", str(output), "--models", str(models_dir)]) == 0
     assert "no liver found; the label map is empty" in capsys.readouterr().out
     assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(output))).max() == 0
+
+
+@pytest.mark.parametrize("option, floor", [([], 0.0), (["--min-tumor-confidence", "0.4"], 0.4)])
+def test_the_tumor_confidence_floor_is_the_weights_unless_the_user_sets_one(
+        models_dir, ct_file, tmp_path, monkeypatch, option, floor):
+    from LiverTumorDARNLib import pipeline
+
+    used = []
+    monkeypatch.setattr(pipeline, "drop_unconfident_tumors", lambda labels, probability, value: used.append(value))
+    assert main(["segment", str(ct_file), "-o", str(tmp_path / "l.nii.gz"), "--models", str(models_dir), *option]) == 0
+    assert used == [floor]
+
+
+@pytest.mark.parametrize("value", ["1", "-0.2", "high"])
+def test_a_confidence_floor_that_is_not_a_probability_is_refused_before_any_work(models_dir, ct_file, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as refusal:
+        main(["segment", str(ct_file), "-o", str(tmp_path / "l.nii.gz"), "--models", str(models_dir),
+              "--min-tumor-confidence", value])
+    assert refusal.value.code == 2 and "expected a probability" in capsys.readouterr().err
+    assert not (tmp_path / "l.nii.gz").exists()

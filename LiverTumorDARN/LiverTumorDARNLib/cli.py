@@ -53,7 +53,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .report import format_report
 
     job = Job(args.models, resolve_device(args.device), args.format, args.series_uid, args.overwrite,
-              _stage_progress())
+              _stage_progress(), args.min_tumor_confidence)
     if is_single_case(args.inputs, args.output):
         result, report = segment_one(args.inputs[0], args.output, job, args.report)
         print(format_report(report) if result.liver_found else f"{args.inputs[0]}: no liver found; the label map is empty")
@@ -143,6 +143,16 @@ def _export(args: argparse.Namespace) -> int:
     target = export_checkpoint(args.checkpoint, args.out, note=args.note, overwrite=args.overwrite)
     print(f"wrote {target} and its entry in {args.out / 'manifest.json'}; use it with --models {args.out}")
     return 0
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 up to (not including) 1, got {text!r}")
+    return value
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -253,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     segment.add_argument("--models", type=Path, default=bundled_models_dir(),
                          help="weights folder with manifest.json (default: the bundled weights)")
+    segment.add_argument("--min-tumor-confidence", type=_probability, metavar="P",
+                         help="give each tumor whose mean tumor probability is under P back to the liver "
+                              "(default: the floor chosen for the weights, in their manifest; 0 keeps every tumor)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.set_defaults(run=_segment)
 
