@@ -47,3 +47,15 @@ def test_a_ct_the_core_refuses_gives_one_error_record_and_status_2(models_dir, t
     assert records == [{"error": "small.nrrd: volume of size (8, 8, 8) is too small to segment; "
                                  "need at least 16 slices and 32x32 voxels in-plane"}]
     assert not (tmp_path / "labels.nrrd").exists()
+
+
+def test_the_worker_applies_the_confidence_floor_it_is_given(ct_file, models_dir, tmp_path):
+    code, _ = run_worker(ct_file, tmp_path / "labels.nrrd", "--models", models_dir, "--device", "cpu",
+                         "--min-tumor-confidence", "0.5")
+    assert code == 0
+    torch.set_num_threads(1)
+    ct, cpu = sitk.ReadImage(str(ct_file)), torch.device("cpu")
+    floored = sitk.GetArrayFromImage(segment(ct, *load_stages(models_dir, cpu, 0.5), cpu).labels)
+    unfloored = sitk.GetArrayFromImage(segment(ct, *load_stages(models_dir, cpu), cpu).labels)
+    assert (floored != unfloored).any()  # the tiny random network marks tumors it is unsure of
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nrrd"))), floored)

@@ -38,7 +38,7 @@ import torch
 from .errors import InputError
 from .io import image_stem, is_image_path, read_ct, read_image, write_json, write_text
 from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
-from .pipeline import Segmentation, Stage, load_stages, segment
+from .pipeline import Segmentation, load_stages, segment
 from .report import CaseReport, measure, write_report
 
 SUMMARY_NAME = "summary.csv"
@@ -81,14 +81,6 @@ class Job:
     min_tumor_confidence: float | None = None  # None: the floor calibrated for the weights
 
 
-def job_stages(job: Job) -> tuple[Stage, Stage]:
-    """The job's networks, with the tumor confidence floor the user asked for, if any."""
-    liver, tumor = load_stages(job.models_dir, job.device)
-    if job.min_tumor_confidence is not None:
-        tumor = dataclasses.replace(tumor, min_tumor_confidence=job.min_tumor_confidence)
-    return liver, tumor
-
-
 def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files and DICOM folders as given; a folder of volume files stands for its volumes, and a
     folder holding only folders (one DICOM series folder per case) for those folders."""
@@ -121,7 +113,7 @@ def segment_one(source: Path, target: Path, job: Job, report_path: Path | None =
     for path in (target, report_path):
         if path is not None and path.exists() and not job.overwrite:
             raise InputError(f"{path} exists; pass --overwrite to replace it")
-    result, report = _segment_and_write(source, target, fmt, job_stages(job), job)
+    result, report = _segment_and_write(source, target, fmt, load_stages(job.models_dir, job.device, job.min_tumor_confidence), job)
     if report_path is not None:
         write_report(report, report_path, job.overwrite)
     return result, report
@@ -191,7 +183,7 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
     if not job.overwrite:
         _refuse_foreign_outputs(cases, out_dir)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    stages = job_stages(job)
+    stages = load_stages(job.models_dir, job.device, job.min_tumor_confidence)
     records = []
     try:
         for name, source, target in cases[rank::world_size]:

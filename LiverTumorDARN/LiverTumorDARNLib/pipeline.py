@@ -375,8 +375,10 @@ def segment(image: sitk.Image, liver: Stage, tumor: Stage, device: torch.device,
 # From files to files
 
 
-def load_stages(models_dir: Path, device: torch.device) -> tuple[Stage, Stage]:
-    """Both networks from a weights folder (TorchScript, checksums verified by ``weights``)."""
+def load_stages(models_dir: Path, device: torch.device,
+                min_tumor_confidence: float | None = None) -> tuple[Stage, Stage]:
+    """Both networks from a weights folder (TorchScript, checksums verified by ``weights``), with
+    the tumor confidence floor calibrated for them unless ``min_tumor_confidence`` replaces it."""
     from .weights import load_model
 
     stages = []
@@ -385,6 +387,8 @@ def load_stages(models_dir: Path, device: torch.device) -> tuple[Stage, Stage]:
         spec = StageSpec(**{key: tuple(value) if isinstance(value, list) else value
                             for key, value in entry["stage"].items()})
         stages.append(Stage(module, spec, _min_tumor_confidence(entry, models_dir, name)))
+    if min_tumor_confidence is not None:
+        stages[1].min_tumor_confidence = min_tumor_confidence
     return stages[0], stages[1]
 
 
