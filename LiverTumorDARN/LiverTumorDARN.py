@@ -122,6 +122,8 @@ class LiverTumorDARNParameterNode:
     inputVolume - The CT volume to segment.
     outputSegmentation - The segmentation that holds the "Liver" and the tumor segments.
     perTumor - One segment per tumor ("Liver tumor 1", "Liver tumor 2", ...) instead of one "Liver tumor".
+    keepUncertainTumors - Keep the tumors the network is unsure of, which the weights' confidence
+        floor would give back to the liver (more candidates, more false ones).
     resultsTable - One row per tumor (volume, longest axial diameter, mean HU, centroid).
     device - "auto", "cpu" or "cuda".
     modelSource - "bundled" (the weights shipped with the extension) or "custom" (customModelsFolder).
@@ -133,6 +135,7 @@ class LiverTumorDARNParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     perTumor: bool = False
+    keepUncertainTumors: bool = False
     resultsTable: vtkMRMLTableNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     modelSource: Annotated[str, Choice(list(MODEL_SOURCES))] = BUNDLED
@@ -278,7 +281,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
             self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
             self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
-                                                         modelsFolder)
+                                                         modelsFolder, self._parameterNode.keepUncertainTumors)
             threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.value = 0
@@ -509,7 +512,8 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
 
         return chosen_models_dir(source, customFolder)
 
-    def startSegmentation(self, volumeNode, workFolder: str, device: str, modelsFolder: pathlib.Path):
+    def startSegmentation(self, volumeNode, workFolder: str, device: str, modelsFolder: pathlib.Path,
+                          keepUncertainTumors: bool = False):
         """Write the CT (world geometry) to ``workFolder`` and start the worker process on it."""
         import SimpleITK as sitk
 
@@ -522,6 +526,8 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
         command = [pythonSlicer, "-m", "LiverTumorDARNSceneLib.worker", ctPath, os.path.join(workFolder, "labels.nrrd"),
                    "--models", str(modelsFolder), "--device", device]
+        if keepUncertainTumors:
+            command += ["--min-tumor-confidence", "0"]
         environment = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
         return slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
 
