@@ -113,7 +113,8 @@ def segment_one(source: Path, target: Path, job: Job, report_path: Path | None =
     for path in (target, report_path):
         if path is not None and path.exists() and not job.overwrite:
             raise InputError(f"{path} exists; pass --overwrite to replace it")
-    result, report = _segment_and_write(source, target, fmt, load_stages(job.models_dir, job.device, job.min_tumor_confidence), job)
+    stages = load_stages(job.models_dir, job.device, job.min_tumor_confidence)
+    result, report = _segment_and_write(source, target, fmt, stages, job)
     if report_path is not None:
         write_report(report, report_path, job.overwrite)
     return result, report

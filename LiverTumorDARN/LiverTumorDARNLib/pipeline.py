@@ -386,15 +386,17 @@ def load_stages(models_dir: Path, device: torch.device,
         module, entry = load_model(models_dir, name, str(device))
         spec = StageSpec(**{key: tuple(value) if isinstance(value, list) else value
                             for key, value in entry["stage"].items()})
-        stages.append(Stage(module, spec, _min_tumor_confidence(entry, models_dir, name)))
+        floor = (entry.get("postprocessing") or {}).get("min_tumor_confidence", 0.0)
+        stages.append(Stage(module, spec, _checked_floor(
+            floor, f"{Path(models_dir) / 'manifest.json'}: the {name} model's min_tumor_confidence",
+            "; re-run tools/calibrate_tumor_confidence.py --write")))
     if min_tumor_confidence is not None:
-        stages[1].min_tumor_confidence = min_tumor_confidence
+        stages[1].min_tumor_confidence = _checked_floor(min_tumor_confidence, "min_tumor_confidence")
     return stages[0], stages[1]
 
 
-def _min_tumor_confidence(entry: dict, models_dir: Path, name: str) -> float:
-    value = (entry.get("postprocessing") or {}).get("min_tumor_confidence", 0.0)
+def _checked_floor(value, what: str, remedy: str = "") -> float:
+    """A confidence floor from a manifest or a caller, refused in one line unless it is in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise InputError(f"{Path(models_dir) / 'manifest.json'}: the {name} model's min_tumor_confidence {value!r} "
-                         f"is not a probability in [0, 1); re-run tools/calibrate_tumor_confidence.py --write")
+        raise InputError(f"{what} {value!r} is not a probability in [0, 1){remedy}")
     return float(value)
