@@ -174,6 +174,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--stage refine: DARN weights whose predictions are coarse masks (default: bundled)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="LiTS-layout folder (volume-K / segmentation-K); default: phantoms drawn on the fly")
+    parser.add_argument("--anatomy", type=Path, metavar="DIR",
+                        help="folder of real label maps to draw training CT on (e.g. ../shared/anatomy); "
+                             "every tenth map of each data set is held out for validation")
+    parser.add_argument("--phantom-fraction", type=float,
+                        help="with --anatomy: share of phantoms among the training cases (default 0.2)")
+    parser.add_argument("--init-from", type=Path, metavar="MODELS_DIR",
+                        help="start from this weights folder's network for the stage (fine-tuning)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint folder (last.pt, best.pt)")
     parser.add_argument("--iterations", type=int, help="default 2000")
     parser.add_argument("--batch-size", type=int, help="default 2")

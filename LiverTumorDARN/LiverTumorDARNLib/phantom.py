@@ -165,7 +165,7 @@ class PhantomCase:
 
 
 @dataclasses.dataclass
-class _Box:
+class Box:
     """A sub-block of the canvas with broadcastable coordinate arrays (mm) of its voxels."""
 
     slices: tuple[slice, slice, slice]
@@ -178,7 +178,7 @@ class _Box:
         return self.z.size == 0 or self.y.size == 0 or self.x.size == 0
 
 
-class _Canvas:
+class Canvas:
     def __init__(self, size_zyx: tuple[int, int, int], spacing_zyx, origin_zyx):
         self.spacing = np.asarray(spacing_zyx, dtype=float)
         self.origin = np.asarray(origin_zyx, dtype=float)
@@ -188,7 +188,7 @@ class _Canvas:
         ]
         self.tissue = np.full(size_zyx, Tissue.AIR, dtype=np.uint8)
 
-    def box(self, low_zyx, high_zyx) -> _Box:
+    def box(self, low_zyx, high_zyx) -> Box:
         """The voxels whose centres lie inside [low, high] (mm), clipped to the grid."""
         slices = []
         for axis, lo, hi, s, o in zip(self.axes, low_zyx, high_zyx, self.spacing, self.origin):
@@ -196,13 +196,13 @@ class _Canvas:
             stop = min(len(axis), int(math.floor((hi - o) / s)) + 1)
             slices.append(slice(start, max(start, stop)))
         z, y, x = (axis[s] for axis, s in zip(self.axes, slices))
-        return _Box(tuple(slices), z[:, None, None], y[None, :, None], x[None, None, :])
+        return Box(tuple(slices), z[:, None, None], y[None, :, None], x[None, None, :])
 
-    def box_around(self, center_zyx, radius_mm: float) -> _Box:
+    def box_around(self, center_zyx, radius_mm: float) -> Box:
         c = np.asarray(center_zyx, dtype=float)
         return self.box(c - radius_mm, c + radius_mm)
 
-    def paint(self, box: _Box, mask: np.ndarray, tissue: Tissue, where=None) -> None:
+    def paint(self, box: Box, mask: np.ndarray, tissue: Tissue, where=None) -> None:
         """Write ``tissue`` where ``mask`` holds; ``where`` limits it to voxels of given tissues."""
         block = self.tissue[box.slices]
         mask = np.broadcast_to(mask, block.shape)
@@ -216,7 +216,7 @@ class _Canvas:
 # shape's own radius, so one perturbation amplitude means the same for small and large shapes.
 
 
-def _random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:
+def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarray:
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
     angle = math.radians(rng.uniform(-max_angle_deg, max_angle_deg))
@@ -224,13 +224,13 @@ def _random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarr
     return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
 
 
-def _rotation_about_z(angle_deg: float) -> np.ndarray:
+def rotation_about_z(angle_deg: float) -> np.ndarray:
     """A rotation in the axial plane, in (z, y, x) component order."""
     a = math.radians(angle_deg)
     return np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
 
 
-def _local_coords(box: _Box, center_zyx, rotation: np.ndarray | None):
+def _local_coords(box: Box, center_zyx, rotation: np.ndarray | None):
     dz, dy, dx = box.z - center_zyx[0], box.y - center_zyx[1], box.x - center_zyx[2]
     if rotation is None:
         return dz, dy, dx
@@ -238,13 +238,13 @@ def _local_coords(box: _Box, center_zyx, rotation: np.ndarray | None):
     return tuple(r[0, i] * dz + r[1, i] * dy + r[2, i] * dx for i in range(3))
 
 
-def _ellipsoid(box: _Box, center_zyx, radii_zyx, rotation=None) -> np.ndarray:
+def ellipsoid(box: Box, center_zyx, radii_zyx, rotation=None) -> np.ndarray:
     qz, qy, qx = _local_coords(box, center_zyx, rotation)
     rz, ry, rx = (np.float32(r) for r in radii_zyx)
     return np.sqrt((qz / rz) ** 2 + (qy / ry) ** 2 + (qx / rx) ** 2) - 1
 
 
-def _tube(box: _Box, start_zyx, end_zyx, radius: float) -> np.ndarray:
+def tube(box: Box, start_zyx, end_zyx, radius: float) -> np.ndarray:
     """A capsule around the segment start-end, f in units of its radius."""
     a = np.asarray(start_zyx, dtype=np.float32)
     d = np.asarray(end_zyx, dtype=np.float32) - a
@@ -255,13 +255,13 @@ def _tube(box: _Box, start_zyx, end_zyx, radius: float) -> np.ndarray:
     return dist / np.float32(radius) - 1
 
 
-def _tube_box(canvas: _Canvas, start_zyx, end_zyx, radius: float) -> _Box:
+def tube_box(canvas: Canvas, start_zyx, end_zyx, radius: float) -> Box:
     lo = np.minimum(start_zyx, end_zyx) - radius
     hi = np.maximum(start_zyx, end_zyx) + radius
     return canvas.box(lo, hi)
 
 
-class _Wobble:
+class Wobble:
     """A smooth random field: a sum of a few plane waves with random direction and phase."""
 
     def __init__(self, rng: np.random.Generator, amplitude: float, wavelength_mm, n_modes=4):
@@ -272,7 +272,7 @@ class _Wobble:
         self.phase = rng.uniform(0, 2 * np.pi, size=n_modes).astype(np.float32)
         self.amplitude = np.float32(amplitude / math.sqrt(n_modes))
 
-    def __call__(self, box: _Box) -> np.ndarray:
+    def __call__(self, box: Box) -> np.ndarray:
         field = np.zeros(np.broadcast_shapes(box.z.shape, box.y.shape, box.x.shape), np.float32)
         for (kz, ky, kx), phase in zip(self.k, self.phase):
             field += np.sin(kz * box.z + ky * box.y + kx * box.x + phase)
@@ -292,7 +292,7 @@ def _smooth_union(a: np.ndarray, b: np.ndarray, k: float = 0.25) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class _Body:
+class Body:
     scale: float
     half_width: float  # x, mm
     half_depth: float  # y, mm
@@ -308,8 +308,8 @@ class _Body:
         return (z_ * s, self.center_y + y_ * s, self.center_x + x_ * s)
 
 
-def _draw_body(canvas: _Canvas, body: _Body, rng: np.random.Generator) -> np.ndarray:
-    """Skin, subcutaneous fat, muscle wall, cavity, ribs; returns the 2D cavity mask."""
+def draw_body(canvas: Canvas, body: Body, rng: np.random.Generator) -> np.ndarray:
+    """An elliptic body with a flat back (skin, fat, wall, ribs, table); returns the 2D cavity."""
     y = canvas.axes[1][:, None] - body.center_y
     x = canvas.axes[2][None, :] - body.center_x
     theta = np.arctan2(y, x)
@@ -320,6 +320,16 @@ def _draw_body(canvas: _Canvas, body: _Body, rng: np.random.Generator) -> np.nda
     back = body.half_depth * 0.92
     inside = (depth > 0) & (y < back)
     depth = np.minimum(depth, back - y)
+    return paint_body(canvas, body, depth, theta, inside, back)
+
+
+def paint_body(canvas: Canvas, body: Body, depth: np.ndarray, theta: np.ndarray, inside: np.ndarray,
+               back: float) -> np.ndarray:
+    """Fill every slice with the body's layers by ``depth`` (mm below the skin; 2D, like ``theta``,
+    the direction from the body centre, and ``inside``), the table under the back (``back`` mm
+    behind the centre) and the ribs; returns the 2D cavity inside the muscle wall."""
+    y = canvas.axes[1][:, None] - body.center_y
+    x = canvas.axes[2][None, :] - body.center_x
     anterior = np.clip(-np.sin(theta), 0, 1)  # 1 at the front, 0 at the sides and back
     fat = body.fat_mm * (0.6 + 0.8 * anterior)
     wall = 2.5 + fat + body.muscle_mm
@@ -335,7 +345,7 @@ def _draw_body(canvas: _Canvas, body: _Body, rng: np.random.Generator) -> np.nda
     return inside & (depth > wall)
 
 
-def _draw_ribs(canvas, body: _Body, depth, wall, theta, inside) -> None:
+def _draw_ribs(canvas, body: Body, depth, wall, theta, inside) -> None:
     """Ribs: thin curved bands just inside the wall, tilted down towards the front."""
     ring = inside & (depth > wall - 3) & (depth < wall + 7) & (np.sin(theta) > -0.75)
     rows, cols = np.nonzero(ring)
@@ -351,7 +361,7 @@ def _draw_ribs(canvas, body: _Body, depth, wall, theta, inside) -> None:
     canvas.tissue[k, rows[n], cols[n]] = tissue[n]
 
 
-def _draw_spine(canvas: _Canvas, body: _Body) -> None:
+def draw_spine(canvas: Canvas, body: Body) -> None:
     """Vertebral bodies with discs, the spinal canal, posterior elements and back muscles."""
     s, cz = body.scale, body.center_x
     vy = body.spine_y
@@ -377,7 +387,7 @@ def _draw_spine(canvas: _Canvas, body: _Body) -> None:
         canvas.paint(box, psoas, Tissue.MUSCLE)
 
 
-def _draw_great_vessels(canvas: _Canvas, body: _Body, rng) -> None:
+def draw_great_vessels(canvas: Canvas, body: Body, rng) -> None:
     s = body.scale
     aorta = (body.spine_y - 28 * s, body.center_x + 15 * s)
     ivc = (body.spine_y - 28 * s, body.center_x - 28 * s)
@@ -390,30 +400,35 @@ def _draw_great_vessels(canvas: _Canvas, body: _Body, rng) -> None:
             canvas.paint(box, np.hypot((box.y - cy) / ry, (box.x - cx) / radius) < 1, tissue)
 
 
-def _draw_organ(canvas, center, radii, rotation, wobble, tissue, where=None):
+def draw_organ(canvas, center, radii, rotation, wobble, tissue, where=None):
     box = canvas.box_around(center, max(radii) * 1.3)
     if box.empty:
         return box, None
-    f = _ellipsoid(box, center, radii, rotation)
+    f = ellipsoid(box, center, radii, rotation)
     if wobble is not None:
         f += wobble(box)
     canvas.paint(box, f < 0, tissue, where)
     return box, f
 
 
-def _draw_abdominal_organs(canvas: _Canvas, body: _Body, rng, phase: str) -> None:
-    """Bowel, stomach, pancreas and spleen: drawn before the liver, which then covers them."""
+def draw_bowel(canvas: Canvas, body: Body, rng) -> None:
+    """Colon and small-bowel loops in the mesentery below the liver."""
     s = body.scale
     _draw_colon(canvas, body, rng)
-    for _ in range(rng.integers(25, 50)):  # small bowel fills the mesentery below the liver
+    for _ in range(rng.integers(25, 50)):
         start = np.array(body.at(rng.uniform(-340, -130), rng.uniform(-95, 30), rng.uniform(-100, 100)))
         end = start + rng.normal(0, 35 * s, size=3)
         _draw_bowel_segment(canvas, start, end, rng.uniform(9, 17) * s, rng)
+
+
+def draw_upper_organs(canvas: Canvas, body: Body, rng) -> None:
+    """Stomach, pancreas and spleen: drawn before the liver, which then covers them."""
+    s = body.scale
     # Stomach: gas rises to the front (the patient lies supine), fluid or oral contrast behind.
     center = body.at(-60, -35, 50)
     radii = np.array([50, 35, 42]) * s * rng.uniform(0.7, 1.2, size=3)
-    box, f = _draw_organ(canvas, center, radii, _random_rotation(rng, 25),
-                         _Wobble(rng, 0.08, (40, 120)), Tissue.BOWEL_WALL)
+    box, f = draw_organ(canvas, center, radii, random_rotation(rng, 25),
+                         Wobble(rng, 0.08, (40, 120)), Tissue.BOWEL_WALL)
     if f is not None:
         content = Tissue.ORAL_CONTRAST if rng.random() < 0.2 else Tissue.FLUID
         lumen = f < -4 * s / min(radii)
@@ -423,21 +438,21 @@ def _draw_abdominal_organs(canvas: _Canvas, body: _Body, rng, phase: str) -> Non
     # Pancreas: a lobulated band across the midline in front of the spine.
     head, tail = body.at(-115, -10, -25), body.at(-95, 5, 70)
     radius = rng.uniform(9, 14) * s
-    box = _tube_box(canvas, head, tail, radius * 1.3)
+    box = tube_box(canvas, head, tail, radius * 1.3)
     if not box.empty:
-        f = _tube(box, head, tail, radius) + _Wobble(rng, 0.2, (15, 40))(box)
+        f = tube(box, head, tail, radius) + Wobble(rng, 0.2, (15, 40))(box)
         canvas.paint(box, f < 0, Tissue.PANCREAS)
     # Spleen: a crescent against the left posterior ribs.
     center = body.at(-60, 35, 90)
     radii = np.array([55, 55, 24]) * s * rng.uniform(0.75, 1.25, size=3)
-    rotation = _rotation_about_z(-35)
-    box, f = _draw_organ(canvas, center, radii, rotation, _Wobble(rng, 0.06, (40, 100)), Tissue.SPLEEN)
+    rotation = rotation_about_z(-35)
+    box, f = draw_organ(canvas, center, radii, rotation, Wobble(rng, 0.06, (40, 100)), Tissue.SPLEEN)
     if f is not None:
-        hollow = _ellipsoid(box, np.add(center, (0, -5 * s, -25 * s)), radii * (0.9, 0.8, 0.7), rotation)
+        hollow = ellipsoid(box, np.add(center, (0, -5 * s, -25 * s)), radii * (0.9, 0.8, 0.7), rotation)
         canvas.paint(box, (hollow < 0) & (f < 0), Tissue.VISCERAL_FAT)
 
 
-def _draw_colon(canvas, body: _Body, rng) -> None:
+def _draw_colon(canvas, body: Body, rng) -> None:
     """Ascending, transverse and descending colon, passing under the liver (hepatic flexure)."""
     path = [(-330, -10, -85), (-175, -25, -80), (-150, -60, -55), (-140, -75, 10),
             (-125, -45, 75), (-150, 0, 85), (-330, 0, 80)]
@@ -447,18 +462,18 @@ def _draw_colon(canvas, body: _Body, rng) -> None:
 
 
 def _draw_bowel_segment(canvas, start, end, radius, rng) -> None:
-    box = _tube_box(canvas, start, end, radius)
+    box = tube_box(canvas, start, end, radius)
     if box.empty:
         return
-    f = _tube(box, start, end, radius)
+    f = tube(box, start, end, radius)
     canvas.paint(box, f < 0, Tissue.BOWEL_WALL)
     content = rng.choice([Tissue.GAS, Tissue.FLUID, Tissue.STOOL], p=[0.4, 0.35, 0.25])
     canvas.paint(box, f < -3 / radius, content)
     if content == Tissue.STOOL:  # mottled: pockets of gas in faeces
-        canvas.paint(box, (f < -3 / radius) & (_Wobble(rng, 1.0, (6, 14), 6)(box) > 0.45), Tissue.GAS)
+        canvas.paint(box, (f < -3 / radius) & (Wobble(rng, 1.0, (6, 14), 6)(box) > 0.45), Tissue.GAS)
 
 
-def _liver_shape(canvas: _Canvas, body: _Body, rng) -> tuple[_Box, np.ndarray]:
+def _liver_shape(canvas: Canvas, body: Body, rng) -> tuple[Box, np.ndarray]:
     """Right lobe, left lobe and caudate lobe blended into one implicit shape."""
     s = body.scale
     size = rng.uniform(0.85, 1.15)
@@ -474,18 +489,18 @@ def _liver_shape(canvas: _Canvas, body: _Body, rng) -> tuple[_Box, np.ndarray]:
     if box.empty:
         return box, None
     f = _smooth_union(
-        _ellipsoid(box, right_c, right_r, _random_rotation(rng, 12)),
-        _ellipsoid(box, left_c, left_r, _rotation_about_z(rng.uniform(-25, 5)) @ _random_rotation(rng, 10)),
+        ellipsoid(box, right_c, right_r, random_rotation(rng, 12)),
+        ellipsoid(box, left_c, left_r, rotation_about_z(rng.uniform(-25, 5)) @ random_rotation(rng, 10)),
     )
-    f = _smooth_union(f, _ellipsoid(box, caudate_c, caudate_r), 0.15)
+    f = _smooth_union(f, ellipsoid(box, caudate_c, caudate_r), 0.15)
     # The visceral (inferior-medial) surface is flatter than the rounded dome.
     visceral = ((box.z - right_c[0]) + 0.5 * (box.x - right_c[2]) + 0.4 * (box.y - right_c[1])) / (-right_r[0] * 0.9) - 1
     f = np.maximum(f, visceral * 0.6)
-    f += _Wobble(rng, 0.07, (50, 140), 5)(box)
+    f += Wobble(rng, 0.07, (50, 140), 5)(box)
     return box, f
 
 
-def _diaphragm_height(canvas: _Canvas, body: _Body) -> np.ndarray:
+def diaphragm_height(canvas: Canvas, body: Body) -> np.ndarray:
     """z (mm) of the diaphragm over each (y, x): two domes, the right one higher."""
     s = body.scale
     y = (canvas.axes[1][:, None] - body.center_y) / s
@@ -496,25 +511,30 @@ def _diaphragm_height(canvas: _Canvas, body: _Body) -> np.ndarray:
     return (np.maximum(right, left) + posterior_recess) * s
 
 
-def _draw_liver(canvas: _Canvas, body: _Body, rng, cavity: np.ndarray, diaphragm: np.ndarray):
+def _draw_liver(canvas: Canvas, body: Body, rng, cavity: np.ndarray, diaphragm: np.ndarray):
     box, f = _liver_shape(canvas, body, rng)
     below_dome = box.z < (diaphragm[box.slices[1], box.slices[2]] - 4 * body.scale)[None]
     canvas.paint(box, (f < 0) & below_dome & cavity[box.slices[1], box.slices[2]][None], Tissue.LIVER)
-    _draw_liver_vessels(canvas, body, rng)
+    draw_liver_vessels(canvas, body, rng)
     gallbladder = body.at(-110, -40, -35)
     radii = np.array([38, 16, 16]) * body.scale * rng.uniform(0.7, 1.2, 3)
     if rng.random() < 0.8:
-        _draw_organ(canvas, gallbladder, radii, _random_rotation(rng, 30), None, Tissue.GALLBLADDER)
+        draw_organ(canvas, gallbladder, radii, random_rotation(rng, 30), None, Tissue.GALLBLADDER)
 
 
-def _draw_liver_vessels(canvas: _Canvas, body: _Body, rng) -> None:
+def draw_liver_vessels(canvas: Canvas, body: Body, rng) -> None:
     """Portal vein branching from the hilum, hepatic veins converging on the IVC at the dome."""
-    s = body.scale
-    hilum = np.array(body.at(-95, 0, -35))
-    _draw_vessel(canvas, np.array(body.at(-130, 10, -10)), hilum, 7 * s, Tissue.PORTAL_VEIN, None)
+    draw_vessel_trees(canvas, rng, inlet=np.array(body.at(-130, 10, -10)), hilum=np.array(body.at(-95, 0, -35)),
+                      confluence=np.array(body.at(-15, 10, -28)), scale=body.scale)
+
+
+def draw_vessel_trees(canvas: Canvas, rng, inlet, hilum, confluence, scale: float) -> None:
+    """The portal vein from ``inlet`` to the hilum, branching into the liver from there, and the
+    hepatic veins branching from their confluence at the IVC; branches stay in liver tissue."""
+    s = scale
+    _draw_vessel(canvas, inlet, hilum, 7 * s, Tissue.PORTAL_VEIN, None)
     for direction in ((0.3, 0.1, -1.0), (0.4, -0.6, 0.8)):
         _branch(canvas, rng, hilum, np.array(direction), 6 * s, 45 * s, 3, Tissue.PORTAL_VEIN)
-    confluence = np.array(body.at(-15, 10, -28))
     for direction in ((-0.6, -0.2, -1.0), (-0.8, -0.6, -0.1), (-0.5, -0.7, 0.7)):
         _branch(canvas, rng, confluence, np.array(direction), 5.5 * s, 50 * s, 2, Tissue.HEPATIC_VEIN)
 
@@ -531,18 +551,18 @@ def _branch(canvas, rng, start, direction, radius, length, depth, tissue) -> Non
 
 
 def _draw_vessel(canvas, start, end, radius, tissue, where) -> None:
-    box = _tube_box(canvas, start, end, radius)
+    box = tube_box(canvas, start, end, radius)
     if not box.empty:
-        canvas.paint(box, _tube(box, start, end, radius) < 0, tissue, where)
+        canvas.paint(box, tube(box, start, end, radius) < 0, tissue, where)
 
 
-def _draw_kidneys(canvas: _Canvas, body: _Body, rng) -> None:
+def draw_kidneys(canvas: Canvas, body: Body, rng) -> None:
     s = body.scale
     for side, z in ((-1, -150), (1, -130)):
         center = body.at(z + rng.uniform(-15, 15), 20, side * 75)
         radii = np.array([55, 22, 28]) * s * rng.uniform(0.85, 1.15, 3)
-        rotation = _rotation_about_z(side * 25) @ _random_rotation(rng, 12)
-        box, f = _draw_organ(canvas, center, radii, rotation, _Wobble(rng, 0.04, (30, 80)), Tissue.KIDNEY_CORTEX)
+        rotation = rotation_about_z(side * 25) @ random_rotation(rng, 12)
+        box, f = draw_organ(canvas, center, radii, rotation, Wobble(rng, 0.04, (30, 80)), Tissue.KIDNEY_CORTEX)
         if f is None:
             continue
         canvas.paint(box, f < -0.3, Tissue.KIDNEY_MEDULLA)
@@ -550,7 +570,7 @@ def _draw_kidneys(canvas: _Canvas, body: _Body, rng) -> None:
         canvas.paint(box, (f < -0.35) & (medial > 0.25), Tissue.RENAL_SINUS)
 
 
-def _draw_chest(canvas: _Canvas, body: _Body, cavity: np.ndarray, diaphragm: np.ndarray) -> None:
+def draw_chest(canvas: Canvas, body: Body, cavity: np.ndarray, diaphragm: np.ndarray) -> None:
     """Lung bases and heart above the diaphragm, with a muscular diaphragm band under them."""
     s = body.scale
     top = canvas.box((-1e4, -1e4, -1e4), (1e4, 1e4, 1e4))
@@ -562,7 +582,7 @@ def _draw_chest(canvas: _Canvas, body: _Body, cavity: np.ndarray, diaphragm: np.
     canvas.tissue[band & not_kept] = Tissue.MUSCLE
     canvas.tissue[above & not_kept] = Tissue.LUNG
     center = body.at(45, -45, 20)
-    box, f = _draw_organ(canvas, center, np.array([60, 55, 65]) * s, _rotation_about_z(-30), None,
+    box, f = draw_organ(canvas, center, np.array([60, 55, 65]) * s, rotation_about_z(-30), None,
                          Tissue.MYOCARDIUM, where=(Tissue.LUNG, Tissue.MUSCLE))
     if f is not None:
         canvas.paint(box, f < -0.2, Tissue.BLOOD, where=(Tissue.MYOCARDIUM,))
@@ -581,7 +601,7 @@ class _TumorPlan:
     at_surface: bool
 
 
-def _plan_tumors(rng, liver: np.ndarray, canvas: _Canvas, small: bool) -> list[_TumorPlan]:
+def _plan_tumors(rng, liver: np.ndarray, canvas: Canvas, small: bool) -> list[_TumorPlan]:
     count = 0 if rng.random() < 0.12 else int(min(rng.geometric(0.35), 12))
     points = np.argwhere(liver)
     if count == 0 or len(points) == 0:
@@ -625,8 +645,8 @@ def _draw_tumors(canvas, hu, labels, plans, rng, look_rng, liver_hu) -> list[Tum
         box = canvas.box_around(plan.center, plan.radius_mm * 1.6 + 5)
         if box.empty:
             continue
-        f = _ellipsoid(box, plan.center, radii, _random_rotation(rng, 180))
-        f += _Wobble(rng, 0.12, (plan.radius_mm, plan.radius_mm * 4 + 1))(box)
+        f = ellipsoid(box, plan.center, radii, random_rotation(rng, 180))
+        f += Wobble(rng, 0.12, (plan.radius_mm, plan.radius_mm * 4 + 1))(box)
         inside = (f < 0) & liver[box.slices]
         if not inside.any():
             continue
@@ -648,7 +668,7 @@ def _draw_tumors(canvas, hu, labels, plans, rng, look_rng, liver_hu) -> list[Tum
 # Intensities, noise and blur
 
 
-def _intensity_table(phase: str, randomize: bool, rng) -> np.ndarray:
+def intensity_table(phase: str, randomize: bool, rng) -> np.ndarray:
     table = np.zeros(256, np.float32)
     for tissue, hu in _HU[phase].items():
         table[tissue] = hu
@@ -667,7 +687,7 @@ def _bias_field(shape: tuple[int, ...], rng) -> np.ndarray:
     return 1 + ndimage.zoom(low, zoom, order=1, mode="nearest", grid_mode=True)
 
 
-def _finish(hu: np.ndarray, canvas: _Canvas, rng, randomize: bool, small: bool) -> np.ndarray:
+def finish(hu: np.ndarray, canvas: Canvas, rng, randomize: bool, small: bool) -> np.ndarray:
     """Noise and partial-volume blur in one Gaussian pass, then the scanner's field of view."""
     sz = canvas.spacing[0]
     in_plane = rng.uniform(0.5, 0.9)
@@ -717,10 +737,10 @@ def _sample_grid(rng, small: bool, size_xyz):
     return size, (spacing_xy, spacing_xy, spacing_z)
 
 
-def _sample_body(rng, fov_mm: float, small: bool) -> _Body:
+def _sample_body(rng, fov_mm: float, small: bool) -> Body:
     half_width = float(np.clip(rng.uniform(0.36, 0.5) * fov_mm, 125, 190))
     scale = half_width / 165
-    return _Body(
+    return Body(
         scale=scale, half_width=half_width, half_depth=half_width * rng.uniform(0.68, 0.82),
         center_x=rng.uniform(-10, 10), center_y=rng.uniform(-25, 0),
         fat_mm=rng.uniform(6, 35) * scale, muscle_mm=rng.uniform(8, 14) * scale,
@@ -744,27 +764,28 @@ def generate_case(seed: int, small: bool = False, randomize: bool = False,
     top = rng.uniform(15, 70) * body.scale
     origin_zyx = (top - (size[2] - 1) * spacing[2],
                   -(size[1] - 1) * spacing[1] / 2, -(size[0] - 1) * spacing[0] / 2)
-    canvas = _Canvas(size[::-1], spacing[::-1], origin_zyx)
+    canvas = Canvas(size[::-1], spacing[::-1], origin_zyx)
 
-    cavity = _draw_body(canvas, body, rng)
-    diaphragm = _diaphragm_height(canvas, body)
-    _draw_abdominal_organs(canvas, body, rng, phase)
+    cavity = draw_body(canvas, body, rng)
+    diaphragm = diaphragm_height(canvas, body)
+    draw_bowel(canvas, body, rng)
+    draw_upper_organs(canvas, body, rng)
     _draw_liver(canvas, body, rng, cavity, diaphragm)
-    _draw_kidneys(canvas, body, rng)
-    _draw_great_vessels(canvas, body, rng)
-    _draw_spine(canvas, body)
-    _draw_chest(canvas, body, cavity, diaphragm)
+    draw_kidneys(canvas, body, rng)
+    draw_great_vessels(canvas, body, rng)
+    draw_spine(canvas, body)
+    draw_chest(canvas, body, cavity, diaphragm)
 
     labels = _liver_labels(canvas.tissue)
-    table = _intensity_table(phase, randomize, look_rng)
+    table = intensity_table(phase, randomize, look_rng)
     hu = table[canvas.tissue]
     plans = _plan_tumors(rng, labels == LIVER, canvas, small)
     tumors = _draw_tumors(canvas, hu, labels, plans, rng, look_rng, float(table[Tissue.LIVER]))
     del canvas.tissue
-    ct = _finish(hu, canvas, look_rng, randomize, small)
+    ct = finish(hu, canvas, look_rng, randomize, small)
 
     orientation = str(rng.choice(ORIENTATIONS))
-    image, label_image = (_to_image(a, canvas, orientation) for a in (ct, labels))
+    image, label_image = (to_image(a, canvas, orientation) for a in (ct, labels))
     return PhantomCase(image, label_image, seed, phase, orientation, randomize, tumors)
 
 
@@ -781,7 +802,7 @@ def _liver_labels(tissue: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _to_image(array: np.ndarray, canvas: _Canvas, orientation: str) -> sitk.Image:
+def to_image(array: np.ndarray, canvas: Canvas, orientation: str) -> sitk.Image:
     """Wrap a canonical array, place it in space, and store it with the case's axis order."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in canvas.spacing[::-1]))

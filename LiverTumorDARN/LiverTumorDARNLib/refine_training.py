@@ -392,8 +392,8 @@ def _validate(model: torch.nn.Module, samples, device) -> dict[str, float]:
 
 def config_from_args(args: argparse.Namespace) -> RefineConfig:
     """A RefineConfig from ``livertumordarn train --stage refine`` options."""
-    for option in ("order", "patch_size"):
-        if getattr(args, option) is not None:
+    for option in ("order", "patch_size", "anatomy", "phantom_fraction", "init_from"):
+        if getattr(args, option, None) is not None:
             raise InputError(f"--{option.replace('_', '-')} is an option of the DARN stages, not of --stage refine")
     if args.small_phantoms:
         raise InputError("--small-phantoms is an option of the DARN stages: refinement needs full-resolution scans")

@@ -62,6 +62,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -75,7 +76,7 @@ from .errors import InputError
 from .io import read_ct, read_image
 from .models import DARN, build_model
 from .phantom import BENCHMARK_SEED_START, VALIDATION_SEED_START, generate_case
-from .weights import read_checkpoint
+from .weights import load_model, read_checkpoint
 from .pipeline import AIR_VALUE, STAGES, StageSpec, normalize_hu, prepare_case, resolve_device
 
 NORMALISED_AIR = float(normalize_hu(np.array(AIR_VALUE)))
@@ -98,7 +99,13 @@ class TrainConfig:
 
     stage: str = "liver"
     data: Path | None = None
-    """A folder in the LiTS layout, or None for phantoms drawn on the fly."""
+    """A folder in the LiTS layout, or None for cases drawn on the fly."""
+    anatomy: Path | None = None
+    """A folder of real label maps to draw CT on (:mod:`anatomy`); None: phantoms only."""
+    phantom_fraction: float = 0.2
+    """With ``anatomy``: the share of training cases that are phantoms all the same."""
+    init_from: Path | None = None
+    """A weights folder (as ``export`` writes it) whose network for this stage starts the run."""
     phantom_seed_start: int = 0
     """First training phantom seed; seeds from VALIDATION_SEED_START (benchmark: 900000) are refused."""
     randomize_fraction: float = 0.5
@@ -172,6 +179,45 @@ class PhantomSource:
         randomize = bool(np.random.default_rng([seed, 2]).random() < self.randomize_fraction)
         case = generate_case(seed, small=self.small, randomize=randomize)
         return _prepared(case.image, case.labels, self.stage, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnatomySource:
+    """Case ``index`` is CT drawn on one of ``maps`` (picked by the case's seed, or taken in turn
+    with ``in_turn``), or with probability ``phantom_fraction`` a phantom of that seed."""
+
+    stage: StageSpec
+    maps: tuple[Path, ...]
+    first_seed: int
+    stride: int
+    randomize_fraction: float
+    phantom_fraction: float
+    in_turn: bool = False
+
+    def __call__(self, index: int) -> PoolCase:
+        from .anatomy import draw_case
+
+        seed = self.first_seed + index * self.stride
+        rng = np.random.default_rng([seed, 3])
+        randomize = bool(rng.random() < self.randomize_fraction)
+        if rng.random() < self.phantom_fraction:
+            case = generate_case(seed, randomize=randomize)
+        else:
+            first = index if self.in_turn else int(rng.integers(len(self.maps)))
+            case = _first_drawable(self.maps, first, seed, randomize, draw_case)
+        return _prepared(case.image, case.labels, self.stage, seed)
+
+
+def _first_drawable(maps: Sequence[Path], first: int, seed: int, randomize: bool, draw: Callable):
+    """The case drawn on ``maps[first]``, or on the next map that can be drawn, with a warning:
+    one odd map must not stop a run of hours."""
+    for offset in range(len(maps)):
+        path = maps[(first + offset) % len(maps)]
+        try:
+            return draw(path, seed, randomize=randomize)
+        except InputError as error:
+            warnings.warn(f"skipped a label map while drawing training cases: {error}")
+    raise InputError(f"no label map among {len(maps)} could be drawn on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,7 +532,7 @@ def save_checkpoint(payload: dict, path: Path) -> Path:
 def _config_record(config: TrainConfig) -> dict:
     """The config as plain values (paths as strings), for checkpoints."""
     record = dataclasses.asdict(config)
-    for key in ("data", "out_dir"):
+    for key in ("data", "out_dir", "anatomy", "init_from"):
         record[key] = None if record[key] is None else str(record[key])
     return record
 
@@ -574,6 +620,10 @@ def _check_config(config: TrainConfig, stage: StageSpec, multiple: int, world: _
     for name in ("iterations", "batch_size", "pool_size", "refresh_every", "val_every"):
         if getattr(config, name) < 1:
             raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.data is not None and config.anatomy is not None:
+        raise InputError("train on a LiTS-layout folder or on label maps to draw CT on, not both")
+    if not 0 <= config.phantom_fraction <= 1:
+        raise InputError(f"the phantom share must lie in 0..1, got {config.phantom_fraction}")
     if config.data is None:
         cases_per_rank = config.pool_size + config.iterations // config.refresh_every + 1
         last_seed = config.phantom_seed_start + cases_per_rank * world.size
@@ -585,6 +635,15 @@ def _check_config(config: TrainConfig, stage: StageSpec, multiple: int, world: _
 
 def _sources(config: TrainConfig, stage: StageSpec, world: _World) -> tuple[Callable, Callable]:
     """(training source for this rank, validation source)."""
+    if config.anatomy is not None:
+        from .anatomy import split_maps, usable_label_maps
+
+        train_maps, val_maps = split_maps(usable_label_maps(Path(config.anatomy)))
+        if not val_maps or not train_maps:
+            raise InputError(f"{config.anatomy}: too few usable label maps to hold some out for validation")
+        train = AnatomySource(stage, tuple(train_maps), config.phantom_seed_start + world.rank, world.size,
+                              config.randomize_fraction, config.phantom_fraction)
+        return train, AnatomySource(stage, tuple(val_maps), VALIDATION_SEED_START, 1, 0.0, 0.0, in_turn=True)
     if config.data is None:
         train = PhantomSource(stage, config.phantom_seed_start + world.rank, world.size,
                               config.phantom_small, config.randomize_fraction)
@@ -631,6 +690,17 @@ class _Trainer:
         if world.size > 1:
             self.network = nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def start_from(self, models_dir: Path) -> None:
+        """Start from exported weights of this stage and architecture (their deep-supervision
+        heads, which export drops, start afresh)."""
+        module, entry = load_model(Path(models_dir), self.stage.name)
+        exported = {**self.architecture, "deep_supervision": False}
+        if {k: tuple(v) if isinstance(v, list) else v for k, v in entry["model"].items()} != exported:
+            raise InputError(f"{models_dir}: its {self.stage.name} network is {entry['model']}; this run builds {exported}")
+        missing = self.model.load_state_dict(module.state_dict(), strict=False).missing_keys
+        if any(not key.startswith("auxiliary_heads.") for key in missing):
+            raise InputError(f"{models_dir}: its {self.stage.name} network lacks {missing[0]}")
 
     def restore(self, path: Path) -> None:
         """Continue from a ``last.pt`` of the same stage and architecture."""
@@ -686,6 +756,8 @@ def _train(config: TrainConfig, stage: StageSpec, device: torch.device, world: _
     trainer = _Trainer(config, stage, device, world)
     if config.resume:
         trainer.restore(last_path)
+    elif config.init_from is not None:
+        trainer.start_from(Path(config.init_from))
     start = trainer.iteration
     rng = np.random.default_rng([config.seed, world.rank, start])
     torch.manual_seed(config.seed + 1 + world.rank + start)  # augmentation noise
@@ -741,6 +813,7 @@ _OPTION_FIELDS = {
     "val_every": "val_every", "pool_size": "pool_size", "refresh_every": "refresh_every",
     "randomize_fraction": "randomize_fraction", "phantom_seed_start": "phantom_seed_start",
     "patch_size": "patch_size", "seed": "seed", "threads": "num_threads", "amp": "amp",
+    "anatomy": "anatomy", "phantom_fraction": "phantom_fraction", "init_from": "init_from",
 }
 
 
