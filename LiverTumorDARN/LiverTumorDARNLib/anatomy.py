@@ -97,6 +97,9 @@ SOURCES = {
 }
 """Where the shared label maps come from and their licences: weights trained on them inherit these."""
 
+CROPPED_SHARE = 0.1
+"""Share of scans cut to the liver's box plus a few centimetres, as cropped volumes come."""
+
 LIVER_VOLUME_ML = (1000.0, 2600.0)
 """Adult liver volumes the placement scales into (log-uniform); real maps keep their own shape."""
 
@@ -271,8 +274,8 @@ def _fit_body(points: np.ndarray, rng: np.random.Generator) -> _Frame:
         scale = float(np.clip(np.ptp(liver[:, 2]) / 170, 0.8, 1.2))
         spine_y = liver[:, 1].max() - rng.uniform(15, 45) * scale
         center_x = liver[:, 2].min() + rng.uniform(120, 150) * scale
-        # The rest of the abdomen, which the drawn organs will fill: as far left as right.
-        outline = np.vstack([outline, [[spine_y, 2 * center_x - liver[:, 2].min()]]])
+    # Bodies are nearly symmetric: what holds the organs on one side holds their mirror image.
+    outline = np.vstack([outline, outline * [1, -1] + [0, 2 * center_x]])
     front, back = outline[:, 0].min(), max(outline[:, 0].max(), spine_y + 60 * scale)
     body = Body(scale=scale, half_width=float(np.ptp(outline[:, 1]) / 2), half_depth=float(back - front) / 2,
                 center_x=center_x, center_y=(front + back) / 2, fat_mm=rng.uniform(5, 40) * scale,
@@ -323,7 +326,8 @@ def draw_case(path: Path, seed: int, randomize: bool = False) -> AnatomyCase:
     organs = sitk.GetArrayFromImage(map_image)
     placement, points = _place(organs, spacing, rng)
     frame = _fit_body(points, rng)
-    canvas = _canvas(points, organs.shape, spacing, placement, frame, rng)
+    cropped = rng.random() < CROPPED_SHARE
+    canvas = _canvas(points, organs.shape, spacing, placement, frame, cropped, rng)
     on_canvas = _resample(organs, spacing, placement, canvas, rng)
     _draw_surroundings(canvas, frame, on_canvas, rng)
     _paint_organs(canvas, on_canvas, rng)
@@ -339,20 +343,21 @@ def draw_case(path: Path, seed: int, randomize: bool = False) -> AnatomyCase:
     tumors = draw_real_lesions(canvas, hu, labels, on_canvas == Organ.LIVER_TUMOR, liver_hu, phase, rng)
     tumors += draw_lesions(canvas, hu, labels, canvas.tissue, plan_lesions(rng, labels == LIVER, canvas), liver_hu,
                            phase, rng, _BLOCKERS)
-    ct = finish(hu, canvas, rng, randomize, small=False)
+    ct = finish(hu, canvas, rng, randomize, may_cut_circle=not cropped)
     orientation = str(rng.choice(ORIENTATIONS))
     image, label_image = (to_image(a, canvas, orientation) for a in (ct, labels))
     return AnatomyCase(image, label_image, seed, phase, orientation, randomize, tumors, label_map=Path(path).name)
 
 
 def _canvas(points: np.ndarray, map_shape, spacing: np.ndarray, placement: _Placement, frame: _Frame,
-            rng: np.random.Generator) -> Canvas:
+            cropped: bool, rng: np.random.Generator) -> Canvas:
     """The scan's grid: the body plus a margin in-plane, from above the liver to below it in z,
-    within the map's own coverage when the map holds more than a liver."""
+    within the map's own coverage when the map holds more than a liver; or, ``cropped``, the
+    liver's box plus up to 3 cm."""
     zyx, codes = points[:, :3], points[:, 3]
     liver_bottom = zyx[codes == Organ.LIVER, 0].min()
     top, bottom = rng.uniform(20, 100), liver_bottom - rng.uniform(20, 220)
-    if (codes != Organ.LIVER).any() and not np.isin(codes, LIVER_PARTS).all():
+    if not np.isin(codes, (*LIVER_PARTS, Organ.PORTAL_VEIN)).all():  # an abdomen: stay within it
         corners = np.array([[z, y, x] for z in (0, map_shape[0] - 1) for y in (0, map_shape[1] - 1)
                             for x in (0, map_shape[2] - 1)]) * spacing
         z_range = placement.to_canvas(corners)[:, 0]
@@ -363,12 +368,17 @@ def _canvas(points: np.ndarray, map_shape, spacing: np.ndarray, placement: _Plac
     body = frame.body
     wall = 2.5 + 1.4 * body.fat_mm + body.muscle_mm + frame.margin
     half_fov = max(body.half_width, body.half_depth + 30 * body.scale) + wall + rng.uniform(5, 40)
-    n_xy = int(math.ceil(2 * half_fov / in_plane))
-    affordable = [s for s in choices if (top - bottom) / s * n_xy ** 2 <= MAX_VOXELS] or [max(choices)]
+    low_yx, high_yx = np.array([body.center_y, body.center_x]) - half_fov, np.array([body.center_y, body.center_x]) + half_fov
+    if cropped:
+        liver = zyx[codes == Organ.LIVER]
+        low_yx, high_yx = liver[:, 1:].min(0) - rng.uniform(0, 30, 2), liver[:, 1:].max(0) + rng.uniform(0, 30, 2)
+        top, bottom = min(top, rng.uniform(0, 30)), max(bottom, liver_bottom - rng.uniform(0, 30))
+    n_yx = np.ceil((high_yx - low_yx) / in_plane).astype(int)
+    affordable = [s for s in choices if (top - bottom) / s * n_yx.prod() <= MAX_VOXELS] or [max(choices)]
     slice_mm = float(rng.choice(affordable))
     n_z = max(16, int(math.ceil((top - bottom) / slice_mm)))
-    origin = (top - (n_z - 1) * slice_mm, body.center_y - half_fov, body.center_x - half_fov)
-    return Canvas((n_z, n_xy, n_xy), (slice_mm, in_plane, in_plane), origin)
+    origin = (top - (n_z - 1) * slice_mm, low_yx[0], low_yx[1])
+    return Canvas((n_z, int(n_yx[0]), int(n_yx[1])), (slice_mm, in_plane, in_plane), origin)
 
 
 def _resample(organs: np.ndarray, spacing: np.ndarray, placement: _Placement, canvas: Canvas,

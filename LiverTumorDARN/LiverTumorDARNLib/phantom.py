@@ -687,8 +687,9 @@ def _bias_field(shape: tuple[int, ...], rng) -> np.ndarray:
     return 1 + ndimage.zoom(low, zoom, order=1, mode="nearest", grid_mode=True)
 
 
-def finish(hu: np.ndarray, canvas: Canvas, rng, randomize: bool, small: bool) -> np.ndarray:
-    """Noise and partial-volume blur in one Gaussian pass, then the scanner's field of view."""
+def finish(hu: np.ndarray, canvas: Canvas, rng, randomize: bool, may_cut_circle: bool) -> np.ndarray:
+    """Noise and partial-volume blur in one Gaussian pass, then (half the time, where
+    ``may_cut_circle``) the scanner's round field of view."""
     sz = canvas.spacing[0]
     in_plane = rng.uniform(0.5, 0.9)
     blur = np.array([0.45, in_plane, in_plane])  # voxels: slice profile, reconstruction kernel
@@ -701,7 +702,7 @@ def finish(hu: np.ndarray, canvas: Canvas, rng, randomize: bool, small: bool) ->
     gain = math.prod(_gaussian_l2_norm(s) for s in blur)
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu / gain)
     hu = ndimage.gaussian_filter(hu, blur, output=np.float32, truncate=3.0)
-    if not small and rng.random() < 0.5:  # outside the reconstruction circle
+    if may_cut_circle and rng.random() < 0.5:  # outside the reconstruction circle
         y = canvas.axes[1][:, None] - canvas.axes[1].mean()
         x = canvas.axes[2][None, :] - canvas.axes[2].mean()
         radius = min(np.ptp(canvas.axes[1]), np.ptp(canvas.axes[2])) / 2
@@ -782,7 +783,7 @@ def generate_case(seed: int, small: bool = False, randomize: bool = False,
     plans = _plan_tumors(rng, labels == LIVER, canvas, small)
     tumors = _draw_tumors(canvas, hu, labels, plans, rng, look_rng, float(table[Tissue.LIVER]))
     del canvas.tissue
-    ct = finish(hu, canvas, look_rng, randomize, small)
+    ct = finish(hu, canvas, look_rng, randomize, may_cut_circle=not small)
 
     orientation = str(rng.choice(ORIENTATIONS))
     image, label_image = (to_image(a, canvas, orientation) for a in (ct, labels))
