@@ -97,3 +97,16 @@ def test_export_of_a_file_that_is_not_a_checkpoint_is_one_line_and_writes_nothin
     assert main(["export", str(not_a_checkpoint), "--out", str(tmp_path / "models")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "models").exists()
+
+
+def test_a_picture_of_a_scan_with_unequal_in_plane_spacing_has_square_pixels():
+    import SimpleITK as sitk
+
+    from LiverTumorDARNLib.picture import axial_overlay
+
+    ct = sitk.Image([40, 30, 20], sitk.sitkInt16)
+    ct.SetSpacing((1.5, 1.2, 2.0))
+    labels = sitk.Image([40, 30, 20], sitk.sitkUInt8)
+    labels.CopyInformation(ct)
+    labels[5:15, 5:15, 10] = 1
+    assert axial_overlay(ct, labels).shape == (24, 40, 3)  # 30 rows of 1.2 mm shown as 24 of 1.5 mm

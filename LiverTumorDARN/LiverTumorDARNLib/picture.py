@@ -39,7 +39,7 @@ def axial_overlay(ct: sitk.Image, labels: sitk.Image, slice_index: int | None = 
     sx, sy = to_canonical(ct).GetSpacing()[:2]
     if abs(sx - sy) > 1e-3:
         rgb = ndimage.zoom(rgb, (sy / sx, 1, 1), order=0)
-        label_slice = ndimage.zoom(label_array[k], sy / sx, order=0)
+        label_slice = ndimage.zoom(label_array[k], (sy / sx, 1), order=0)
     else:
         label_slice = label_array[k]
     thickness = max(1, round(max(label_slice.shape) / 256))  # stays visible in thumbnails
