@@ -190,3 +190,12 @@ def test_the_amp_option_reaches_the_training_settings_of_every_stage(tmp_path, s
     args = build_parser().parse_args(["train", "--stage", stage, "--out", str(tmp_path), *flags])
     config_from_args = refine_training.config_from_args if stage == "refine" else training.config_from_args
     assert config_from_args(args).amp is amp
+
+
+def test_amp_is_declined_with_a_warning_on_a_cpu_without_native_bfloat16(monkeypatch):
+    from LiverTumorDARNLib.training import resolve_amp
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        assert resolve_amp(True, torch.device("cpu")) is False
+    assert resolve_amp(None, torch.device("cpu")) is False

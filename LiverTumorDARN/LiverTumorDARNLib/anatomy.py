@@ -49,7 +49,7 @@ from .errors import InputError
 from .io import IMAGE_SUFFIXES, read_image, to_canonical
 from .labels import LIVER, TUMOR
 from .lesions import draw_lesions, draw_real_lesions, plan_lesions
-from .phantom import (ORIENTATIONS, Body, Canvas, PhantomCase, Tissue, diaphragm_height, draw_bowel,
+from .phantom import (ORIENTATIONS, Body, Canvas, PhantomCase, Tissue, diaphragm_height, draw_bowel, draw_bowel_segment,
                       draw_chest, draw_great_vessels, draw_kidneys, draw_spine, draw_upper_organs, draw_vessel_trees,
                       finish, intensity_table, paint_body, to_image)
 
@@ -332,13 +332,14 @@ def draw_case(path: Path, seed: int, randomize: bool = False) -> AnatomyCase:
     _draw_surroundings(canvas, frame, on_canvas, rng)
     _paint_organs(canvas, on_canvas, rng)
     _fill_liver_recesses(canvas, on_canvas, rng)
+    _pack_bowel(canvas, rng)
     if not (on_canvas == Organ.LIVER_VESSEL).any():
         _draw_liver_vessels(canvas, on_canvas, frame.body.scale, rng)
 
     phase = "arterial" if rng.random() < 0.25 else "portal"
     labels = np.where(_liver_label(on_canvas), LIVER, 0).astype(np.uint8)
     table = intensity_table(phase, randomize, rng)
-    hu = table[canvas.tissue]
+    hu = table[canvas.tissue] + _tissue_texture(canvas, rng)
     liver_hu = float(table[Tissue.LIVER])
     tumors = draw_real_lesions(canvas, hu, labels, on_canvas == Organ.LIVER_TUMOR, liver_hu, phase, rng)
     tumors += draw_lesions(canvas, hu, labels, canvas.tissue, plan_lesions(rng, labels == LIVER, canvas), liver_hu,
@@ -472,14 +473,41 @@ def _liver_label(organs: np.ndarray) -> np.ndarray:
 
 
 def _fill_liver_recesses(canvas: Canvas, organs: np.ndarray, rng: np.random.Generator) -> None:
-    """Blood (IVC or portal vein) where the liver outline encloses a voxel no organ claims."""
+    """Where the liver outline encloses voxels no organ claims: the intrahepatic IVC, the portal
+    vein at the hilum, or the fat of a fissure, one of them per enclosed piece."""
     liver = np.isin(organs, LIVER_PARTS)
     box = ndimage.find_objects(liver.astype(np.uint8))[0]
     filled = np.stack([ndimage.binary_fill_holes(s) for s in liver[box]])
     closed = ndimage.binary_closing(liver[box], structure=np.ones((1, 5, 5), bool))
-    recess = (filled | closed) & (organs[box] == Organ.NONE)
+    pieces, count = ndimage.label((filled | closed) & (organs[box] == Organ.NONE))
+    contents = rng.choice([Tissue.IVC, Tissue.PORTAL_VEIN, Tissue.VISCERAL_FAT], size=count + 1, p=[0.3, 0.35, 0.35])
     block = canvas.tissue[box]
-    block[recess] = Tissue.IVC if rng.random() < 0.5 else Tissue.PORTAL_VEIN
+    block[pieces > 0] = contents[pieces[pieces > 0]]
+
+
+def _pack_bowel(canvas: Canvas, rng: np.random.Generator) -> None:
+    """Bowel loops packed into the fat left between the organs: an abdomen is mostly bowel and
+    mesentery, not empty fat, around the liver too."""
+    fat = np.argwhere(canvas.tissue[::4, ::4, ::4] == Tissue.VISCERAL_FAT) * 4
+    if len(fat) == 0:
+        return
+    free_ml = len(fat) * 64 * float(np.prod(canvas.spacing)) / 1000
+    for index in rng.choice(len(fat), size=int(rng.uniform(0.2, 0.8) * free_ml / 25)):
+        start = canvas.origin + fat[index] * canvas.spacing
+        end = start + rng.normal(0, 30, 3)
+        draw_bowel_segment(canvas, start, end, rng.uniform(8, 18), rng, where=(Tissue.VISCERAL_FAT,))
+
+
+def _tissue_texture(canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
+    """Slow variation of soft-tissue HU over a few centimetres (perfusion, fat content): organs
+    are not flat in CT even where noise is low. Zero outside -200..400 HU tissues."""
+    coarse_mm = rng.uniform(15, 40)
+    shape = tuple(max(2, int(n * s / coarse_mm)) for n, s in zip(canvas.tissue.shape, canvas.spacing))
+    field = rng.normal(0, rng.uniform(0, 8), shape).astype(np.float32)
+    zoom = [n / m for n, m in zip(canvas.tissue.shape, shape)]
+    field = ndimage.zoom(field, zoom, order=1, mode="nearest", grid_mode=True)
+    soft = ~np.isin(canvas.tissue, (Tissue.AIR, Tissue.LUNG, Tissue.GAS, Tissue.BONE_CORTEX, Tissue.TABLE))
+    return np.where(soft, field, np.float32(0))
 
 
 def _draw_liver_vessels(canvas: Canvas, organs: np.ndarray, scale: float, rng: np.random.Generator) -> None:

@@ -202,8 +202,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: PyTorch's choice)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="mixed precision: float16 on CUDA, bfloat16 on the CPU, where a training step is 1.5-2x "
-                             "faster on processors with AVX-512 BF16 or AMX (default: on for CUDA only)")
+                        help="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (AVX-512 BF16 "
+                             "or AMX), where a step is 1.5-2x faster; ignored with a warning on other CPUs, where it "
+                             "would be many times slower (default: on for CUDA only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -418,7 +418,7 @@ def draw_bowel(canvas: Canvas, body: Body, rng) -> None:
     for _ in range(rng.integers(25, 50)):
         start = np.array(body.at(rng.uniform(-340, -130), rng.uniform(-95, 30), rng.uniform(-100, 100)))
         end = start + rng.normal(0, 35 * s, size=3)
-        _draw_bowel_segment(canvas, start, end, rng.uniform(9, 17) * s, rng)
+        draw_bowel_segment(canvas, start, end, rng.uniform(9, 17) * s, rng)
 
 
 def draw_upper_organs(canvas: Canvas, body: Body, rng) -> None:
@@ -458,19 +458,22 @@ def _draw_colon(canvas, body: Body, rng) -> None:
             (-125, -45, 75), (-150, 0, 85), (-330, 0, 80)]
     points = [np.array(body.at(*p)) + rng.normal(0, 8 * body.scale, 3) for p in path]
     for start, end in zip(points[:-1], points[1:]):
-        _draw_bowel_segment(canvas, start, end, rng.uniform(17, 26) * body.scale, rng)
+        draw_bowel_segment(canvas, start, end, rng.uniform(17, 26) * body.scale, rng)
 
 
-def _draw_bowel_segment(canvas, start, end, radius, rng) -> None:
+def draw_bowel_segment(canvas, start, end, radius, rng, where=None) -> None:
+    """A straight piece of bowel: wall, and gas, fluid or mottled stool inside (``where``: only
+    over those tissues)."""
     box = tube_box(canvas, start, end, radius)
     if box.empty:
         return
     f = tube(box, start, end, radius)
-    canvas.paint(box, f < 0, Tissue.BOWEL_WALL)
+    canvas.paint(box, f < 0, Tissue.BOWEL_WALL, where)
     content = rng.choice([Tissue.GAS, Tissue.FLUID, Tissue.STOOL], p=[0.4, 0.35, 0.25])
-    canvas.paint(box, f < -3 / radius, content)
+    inner = where if where is None else (*where, Tissue.BOWEL_WALL)
+    canvas.paint(box, f < -3 / radius, content, inner)
     if content == Tissue.STOOL:  # mottled: pockets of gas in faeces
-        canvas.paint(box, (f < -3 / radius) & (Wobble(rng, 1.0, (6, 14), 6)(box) > 0.45), Tissue.GAS)
+        canvas.paint(box, (f < -3 / radius) & (Wobble(rng, 1.0, (6, 14), 6)(box) > 0.45), Tissue.GAS, (Tissue.STOOL,))
 
 
 def _liver_shape(canvas: Canvas, body: Body, rng) -> tuple[Box, np.ndarray]:

@@ -42,7 +42,7 @@ from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
 from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, lesion_seed, liver_hu,
                      on_region, paste_tumor, patch_around, patch_inputs, widened_mm)
-from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, save_checkpoint, split_lits_pairs
+from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, resolve_amp, save_checkpoint, split_lits_pairs
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "click", "seed", "good",
                "false")
@@ -302,7 +302,7 @@ def train_refiner(config: RefineConfig) -> Path:
     if last_path.exists() and not config.resume:
         raise InputError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
     device = resolve_device(config.device)
-    amp = device.type == "cuda" if config.amp is None else config.amp
+    amp = resolve_amp(config.amp, device)
     stages = load_stages(config.models_dir or bundled_models_dir(), torch.device("cpu"))
     architecture = {"architecture": "refine", "widths": list(config.widths)}
     torch.manual_seed(config.seed)
