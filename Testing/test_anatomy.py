@@ -139,3 +139,45 @@ def test_every_tenth_map_of_each_data_set_is_held_out_for_validation(tmp_path):
     train, validation = split_maps(paths)
     assert len(validation) == 3 and not set(train) & set(validation)
     assert {p.parent.name for p in validation} == {"btcv", "lits-liver"}
+
+
+def test_the_phantom_command_draws_case_k_on_map_k_in_turn(abdomen, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cases"
+    result = subprocess.run([sys.executable, "-m", "LiverTumorDARNLib.cli", "phantom", str(out), "--anatomy",
+                             str(abdomen.parent.parent), "--n", "1", "--seed", "4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["generator"] == "LiverTumorDARN anatomy"
+    assert manifest["cases"][0]["label_map"] == "label0001.nii.gz"
+    assert (out / "volume-0.nii.gz").is_file() and (out / "segmentation-0.nii.gz").is_file()
+
+
+def test_small_cases_are_refused_on_real_label_maps(abdomen, tmp_path):
+    from LiverTumorDARNLib.phantom import write_dataset
+
+    with pytest.raises(InputError, match="--small draws phantoms"):
+        write_dataset(tmp_path, 1, 0, small=True, anatomy=abdomen)
+    assert not any(tmp_path.iterdir())
+
+
+def test_weights_trained_on_label_maps_name_the_data_sets_and_their_licences(abdomen, tmp_path):
+    import json
+
+    from LiverTumorDARNLib.models import build_model
+    from LiverTumorDARNLib.training import save_checkpoint
+    from LiverTumorDARNLib.weights import export_checkpoint
+
+    architecture = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1, "num_classes": 2}
+    checkpoint = save_checkpoint({
+        "model": build_model(architecture).state_dict(), "model_config": architecture, "iteration": 10,
+        "stage": {"name": "liver", "spacing_mm": (4.0,) * 3, "num_classes": 2, "patch_size": (16,) * 3},
+        "config": {"anatomy": str(abdomen.parent.parent), "phantom_fraction": 0.2, "randomize_fraction": 0.3}},
+        tmp_path / "last.pt")
+    export_checkpoint(checkpoint, tmp_path / "models")
+    record = json.loads((tmp_path / "models" / "manifest.json").read_text())["models"]["liver"]["training"]
+    assert "BTCV" in record["label_map_licences"]["btcv"]
+    assert "real label maps (btcv" in record["data"]

@@ -549,6 +549,13 @@ def usable_label_maps(folder: Path, warn=warnings.warn) -> list[Path]:
     return good
 
 
+def label_map_sources(folder: Path) -> dict[str, str]:
+    """The data sets under ``folder`` (by sub-folder name) with their source and licence, where
+    known: what weights trained on them inherit."""
+    names = {path.parent.name for path in find_label_maps(folder)} if Path(folder).exists() else set()
+    return {name: SOURCES.get(name, "unknown source: state its licence before sharing weights") for name in sorted(names)}
+
+
 def split_maps(paths: Iterable[Path], every: int = 10) -> tuple[list[Path], list[Path]]:
     """(training, validation): every ``every``-th map of each data set is held out, so validation
     scans show anatomy training never saw, from every source."""

@@ -21,7 +21,7 @@ def _phantom(args: argparse.Namespace) -> int:
 
     manifest = write_dataset(args.out_dir, args.n, args.seed, small=args.small,
                              randomize=args.randomize, overwrite=args.overwrite,
-                             progress=lambda line: print(line, file=sys.stderr))
+                             progress=lambda line: print(line, file=sys.stderr), anatomy=args.anatomy)
     print(f"wrote {args.n} case(s) and {manifest}")
     return 0
 
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--n", type=int, default=1, help="number of cases (default 1)")
     phantom.add_argument("--seed", type=int, default=0, help="seed of the first case (default 0)")
     phantom.add_argument("--small", action="store_true", help="96x96 cases at ~4 mm, for tests")
+    phantom.add_argument("--anatomy", type=Path, metavar="MAPS",
+                         help="draw the CT on real label maps instead (a map, or a folder such as ../shared/anatomy; "
+                              "case K on map K in turn)")
     phantom.add_argument("--randomize", action="store_true",
                          help="domain-randomised intensities, bias field, blur and noise (training)")
     phantom.add_argument("--overwrite", action="store_true", help="replace existing files")

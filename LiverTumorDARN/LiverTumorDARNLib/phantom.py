@@ -825,13 +825,16 @@ def case_file_names(case_number: int) -> tuple[str, str]:
 
 def write_dataset(out_dir: Path, count: int, seed: int, small: bool = False,
                   randomize: bool = False, overwrite: bool = False,
-                  progress: Callable[[str], None] = lambda _: None) -> Path:
-    """Write ``count`` cases in the LiTS layout plus ``manifest.json``; case K uses seed + K.
+                  progress: Callable[[str], None] = lambda _: None, anatomy: Path | None = None) -> Path:
+    """Write ``count`` cases in the LiTS layout plus ``manifest.json``; case K uses seed + K and,
+    with ``anatomy`` (a label map or a folder of them), is drawn on map K of it in turn.
 
     Every target is checked before the first case is drawn, so a refused run changes nothing.
     """
     if count < 1:
         raise InputError(f"--n must be at least 1, got {count}")
+    if small and anatomy is not None:
+        raise InputError("--small draws phantoms; cases on real label maps keep their scan's size")
     out_dir = Path(out_dir)
     targets = [out_dir / name for k in range(count) for name in case_file_names(k)]
     targets.append(out_dir / "manifest.json")
@@ -839,9 +842,10 @@ def write_dataset(out_dir: Path, count: int, seed: int, small: bool = False,
     if existing and not overwrite:
         raise InputError(f"{existing[0]} exists ({len(existing)} of the outputs do); "
                          "pass --overwrite to replace them")
+    draw = _case_drawer(small, randomize, anatomy)
     entries = []
     for k in range(count):
-        case = generate_case(seed + k, small=small, randomize=randomize)
+        case = draw(k, seed + k)
         volume_name, labels_name = case_file_names(k)
         write_image(case.image, out_dir / volume_name, overwrite=overwrite)
         write_image(case.labels, out_dir / labels_name, overwrite=overwrite)
@@ -849,6 +853,17 @@ def write_dataset(out_dir: Path, count: int, seed: int, small: bool = False,
                         **case.manifest_entry()})
         progress(f"case {k + 1}/{count}: seed {seed + k}, {len(case.tumors)} tumor(s), "
                  f"size {case.image.GetSize()}")
-    manifest = {"generator": "LiverTumorDARN phantom", "labels": {"0": "background", "1": "liver", "2": "tumor"},
+    manifest = {"generator": "LiverTumorDARN " + ("anatomy" if anatomy else "phantom"),
+                "labels": {"0": "background", "1": "liver", "2": "tumor"},
                 "small": small, "randomized": randomize, "cases": entries}
     return write_json(manifest, out_dir / "manifest.json", overwrite=overwrite)
+
+
+def _case_drawer(small: bool, randomize: bool, anatomy: Path | None) -> Callable[[int, int], PhantomCase]:
+    """(case number, seed) -> case: a phantom, or CT drawn on the case number's label map."""
+    if anatomy is None:
+        return lambda k, seed: generate_case(seed, small=small, randomize=randomize)
+    from .anatomy import draw_case, usable_label_maps  # anatomy builds on this module
+
+    maps = usable_label_maps(Path(anatomy))
+    return lambda k, seed: draw_case(maps[k % len(maps)], seed, randomize=randomize)

@@ -185,14 +185,23 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
 
 def _training_record(payload: dict, note: str) -> dict:
     config = payload.get("config") or {}
+    record = {}
     if config.get("data"):
         data = f"LiTS-layout folder {Path(config['data']).name}"
+    elif config.get("anatomy"):
+        from .anatomy import label_map_sources
+
+        sources = label_map_sources(Path(config["anatomy"]))
+        data = (f"synthetic CT drawn on the fly on real label maps ({', '.join(sources) or Path(config['anatomy']).name}; "
+                f"every tenth map of each held out for validation), {config.get('phantom_fraction')} of the cases phantoms; "
+                f"{config.get('randomize_fraction')} of them domain-randomised")
+        record["label_map_licences"] = sources
     elif config:
         data = (f"synthetic phantoms drawn on the fly ({'small, ~4 mm' if config.get('phantom_small') else 'full-size 512x512'}; "
                 f"seeds from {config.get('phantom_seed_start')}; {config.get('randomize_fraction')} of them domain-randomised)")
     else:
         data = None
-    return {"data": data, "iterations": payload.get("iteration"), "config": config or None, "note": note}
+    return {"data": data, **record, "iterations": payload.get("iteration"), "config": config or None, "note": note}
 
 
 def read_checkpoint(path: Path) -> dict:
