@@ -1,11 +1,11 @@
 """Draw the README's pictures, the extension icon, the Sample Data thumbnail and the Extensions
 Index screenshot.
 
-    .venv/bin/python tools/make_pictures.py [gallery] [icons] [demo]
+    .venv/bin/python tools/make_pictures.py [gallery] [anatomy] [icons] [demo]
 
-Without arguments it draws them all. Everything is drawn from phantoms with fixed seeds, so the
-pictures are reproducible; the demo picture is the one `livertumordarn demo` writes with the
-bundled weights (on the CPU, a few minutes).
+Without arguments it draws them all. Everything is drawn from phantoms (or, for ``anatomy``, from
+the label maps in ../shared/anatomy) with fixed seeds, so the pictures are reproducible; the demo
+picture is the one `livertumordarn demo` writes with the bundled weights (on the CPU, a few minutes).
 """
 
 import shutil
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from LiverTumorDARNLib.anatomy import draw_case
 from LiverTumorDARNLib.demo import run_demo
 from LiverTumorDARNLib.phantom import SAMPLE_SEED, generate_case
 from LiverTumorDARNLib.picture import axial_overlay, montage, resize, save_png
@@ -24,6 +25,10 @@ from LiverTumorDARNLib.weights import bundled_models_dir
 ROOT = Path(__file__).resolve().parents[1]
 ICONS = ROOT / "LiverTumorDARN" / "Resources" / "Icons"
 GALLERY_SEEDS = (1, 2, 3, 4, 5, 6)
+ANATOMY = ROOT.parent / "shared" / "anatomy"
+ANATOMY_CASES = (("btcv/label0001.nii.gz", 1), ("btcv/label0024.nii.gz", 2), ("abdomenatlas/case-1.nii.gz", 3),
+                 ("lits-liver/segmentation-12.nii.gz", 4), ("lits-liver/segmentation-60.nii.gz", 5),
+                 ("msd-hepaticvessel/hepaticvessel_010.nii.gz", 6))
 ICON_SEED = 2
 ICON_SIZE = 128
 
@@ -38,6 +43,16 @@ def gallery() -> None:
     picture = montage([resize(rgb, 320) for rgb in overlays], columns=3)
     save_png(picture, ROOT / "Resources" / "phantoms.png")
     save_png(picture, ROOT / "Resources" / "Screenshot.png")
+
+
+def anatomy() -> None:
+    """docs/synthetic-ct.md's gallery: CT drawn on real label maps of each data set."""
+    overlays = []
+    for name, seed in ANATOMY_CASES:
+        case = draw_case(ANATOMY / name, seed)
+        overlays.append(axial_overlay(case.image, case.labels))
+        print(f"{name} seed {seed}: {case.phase}, {case.orientation}, {len(case.tumors)} tumor(s)")
+    save_png(montage([resize(rgb, 320) for rgb in overlays], columns=3), ROOT / "docs" / "images" / "anatomy-cases.png")
 
 
 def icons() -> None:
@@ -65,7 +80,7 @@ def demo() -> None:
         shutil.copyfile(scores["picture"], ROOT / "Resources" / "demo.png")
 
 
-PICTURES = {"gallery": gallery, "icons": icons, "demo": demo}
+PICTURES = {"gallery": gallery, "anatomy": anatomy, "icons": icons, "demo": demo}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or PICTURES:

@@ -412,14 +412,24 @@ def _elastic(canvas: Canvas, amplitude_mm: float, rng: np.random.Generator) -> s
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
+_DRAWN_ORGANS = (Tissue.BOWEL_WALL, Tissue.GAS, Tissue.FLUID, Tissue.STOOL, Tissue.ORAL_CONTRAST, Tissue.SPLEEN,
+                 Tissue.PANCREAS, Tissue.KIDNEY_CORTEX, Tissue.KIDNEY_MEDULLA, Tissue.RENAL_SINUS)
+"""The phantom's organs, which the fitted body keeps inside its wall."""
+
+
 def _draw_surroundings(canvas: Canvas, frame: _Frame, organs: np.ndarray, rng: np.random.Generator) -> None:
-    """Everything the map lacks, in the phantom's order (later parts cover earlier ones)."""
+    """Everything the map lacks, in the phantom's order (later parts cover earlier ones). The
+    phantom places its organs for its own body: what lands in this one's wall or outside it is
+    given back to the wall or the air."""
     body = frame.body
     cavity = _draw_fitted_body(canvas, frame)
+    layers = canvas.tissue[0].copy()  # every slice holds the same body layers so far
     draw_bowel(canvas, body, rng)
     if not np.isin(organs, (Organ.SPLEEN, Organ.STOMACH, Organ.KIDNEY)).any():
         draw_upper_organs(canvas, body, rng)
         draw_kidneys(canvas, body, rng)
+    stray = ~cavity[None] & np.isin(canvas.tissue, _DRAWN_ORGANS)
+    canvas.tissue[stray] = np.broadcast_to(layers, canvas.tissue.shape)[stray]
     draw_great_vessels(canvas, body, rng)
     draw_spine(canvas, body)
     diaphragm = np.maximum(diaphragm_height(canvas, body), _organ_top(organs, canvas) + 3)
