@@ -243,10 +243,10 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             p = self._parameterNode
+            options = SegmentationOptions(self.modelsFolder(), p.device, p.perTumor, p.keepUncertainTumors)
             p.outputSegmentation = p.outputSegmentation or self.logic.new_segmentation(p.inputVolume)
             p.resultsTable = p.resultsTable or self.logic.new_results_table()
             self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
-            options = SegmentationOptions(self.modelsFolder(), p.device, p.perTumor, p.keepUncertainTumors)
             self._job = self.logic.start_segmentation(p.inputVolume, p.outputSegmentation, p.resultsTable, options,
                                                       self.showProgress, self.showMessage)
             self.ui.segmentButton.text = _("Cancel")

@@ -308,3 +308,9 @@ def test_a_click_session_writes_the_results_table(two_tumors):
     session.refine_all(volume, segmentation)
     edit = session.wait(table)
     assert table.GetNumberOfRows() == len(edit.report.tumors) == 2
+
+
+def test_a_click_without_a_segmentation_asks_for_one(two_tumors):
+    _ct, _truth, volume, _segmentation = two_tumors
+    with pytest.raises(InputError, match="select the CT volume and the segmentation"):
+        tasks.ClickSession(lambda: Refiner(Bright(), CPU)).click(volume, None, ras(volume, (14, 14, 6)))

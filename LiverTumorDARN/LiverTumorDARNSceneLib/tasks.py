@@ -391,7 +391,12 @@ class ClickSession:
     def _start(self, volume_node, segmentation_node, edit: Callable) -> bool:
         if self.busy:
             return False
+        from LiverTumorDARNLib.errors import InputError
+
         from . import scene
+
+        if volume_node is None or segmentation_node is None:
+            raise InputError('select the CT volume and the segmentation that "Segment tumors" wrote')
 
         ct = scene.image_from_volume(volume_node)
         labels = scene.labels_from_segments(segmentation_node, volume_node)
