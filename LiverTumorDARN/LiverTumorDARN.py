@@ -277,6 +277,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
                 try:
                     if job.poll():
+                        self.ui.progressBar.value = 100
                         self.showReport(job.report, self.ui.statusLabel, " ".join([_("Done."), *job.messages]))
                 finally:
                     if job.finished and self._job is job:
@@ -293,7 +294,6 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if report is not None:
             self.ui.summaryLabel.text = summary(report)
-            self.ui.progressBar.value = 100
         statusLabel.text = status
 
     def onResultClicked(self, index) -> None:
