@@ -1,12 +1,7 @@
 import functools
-import json
 import os
 import pathlib
-import queue
 import shutil
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import qt
@@ -21,23 +16,27 @@ from slicer.util import VTKObservationMixin
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
-from LiverTumorDARNLib.phantom import SAMPLE_SEED
 from LiverTumorDARNLib.weights import BUNDLED, CUSTOM, MODEL_SOURCES
+from LiverTumorDARNSceneLib.tasks import STAGE_NAMES, ModuleTasks, SegmentationOptions
 
-# The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package (plain
-# Python, tested without Slicer) and the scene work in LiverTumorDARNSceneLib.scene (tested in CI
-# against Slicer's real MRML classes); this file holds only the panel and its thin logic.
+# The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package, the
+# panel's work in LiverTumorDARNSceneLib (tasks: the segmentation job and the click session; scene:
+# the MRML nodes), all tested without the application; this file wires them to the panel. At
+# start-up Slicer imports this file before first use has installed torch and the pip packages, so
+# it imports only what Slicer ships, and the light LiverTumorDARNLib.weights.
 
 MODULE_DIR = os.path.dirname(__file__)
 POLL_MILLISECONDS = 100
-STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
+SAMPLE_SEED = 850000
+"""The sample phantom's seed (LiverTumorDARNLib.phantom.SAMPLE_SEED, which a layout test compares):
+importing the phantom module here would load scipy and SimpleITK at every Slicer start."""
 
 SAMPLE_NAME = "LiverTumorPhantom"
 SAMPLE_THUMBNAIL = os.path.join(MODULE_DIR, "Resources", "Icons", f"{SAMPLE_NAME}.png")
 SAMPLE_PLACEHOLDER_URI = f"file:///LiverTumorDARN/is-drawn-locally/{SAMPLE_NAME}.nrrd"
 """The Sample Data module requires an address, but its button calls onPhantomSampleClicked instead of
 downloading. SampleData.downloadSample(), which ignores that, finds no such file and fails at once:
-no code path reaches the network. Scripts call loadPhantomSample()."""
+no code path reaches the network. Scripts call LiverTumorDARNLogic().load_phantom()."""
 
 
 #
@@ -58,7 +57,7 @@ class LiverTumorDARN(ScriptedLoadableModule):
         self.parent.contributors = ["LiverTumorDARN developers"]
         self.parent.helpText = _("""
 Liver and liver-tumor segmentation of contrast-enhanced CT with the DARN network
-(Deep Attentive Refinement Network), with click-to-refine.
+(Deep Attentive Refinement Network), with click-to-refine. For Slicer 5.8 and newer.
 <p>This version can load a synthetic CT phantom with its liver and tumor segments, to try the
 module without patient data. The bundled network weights are trained on synthetic phantoms,
 for demonstration and research only: they are not for clinical use.</p>
@@ -91,22 +90,15 @@ def registerSampleData() -> None:
 def onPhantomSampleClicked(source) -> None:
     """The Sample Data module's button: the phantom case, or a one-line error."""
     with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
-        loadPhantomSample()
+        loadPhantom(LiverTumorDARNLogic())
 
 
-def loadPhantomSample(seed: int = SAMPLE_SEED):
-    """Draw the phantom case of ``seed`` (the project's sample case by default), add it to the scene
-    with its true segments and show it; returns (volume node, segmentation node).
-
-    The Sample Data module and the panel's "Load phantom case" both come here, so they give the
-    same case the same way. Nothing is downloaded: the phantom is drawn from its seed.
-    """
-    from LiverTumorDARNSceneLib import scene
-
-    ensurePythonRequirements()
-    volumeNode, segmentationNode = scene.add_phantom_case(slicer.mrmlScene, seed)
+def loadPhantom(logic, seed: int = SAMPLE_SEED):
+    """The phantom case of ``seed`` in the scene, with its true segments, shown; returns its volume.
+    The Sample Data module and the panel's "Load phantom case" both come here."""
+    volumeNode, _truthNode = logic.load_phantom(seed)
     slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-    return volumeNode, segmentationNode
+    return volumeNode
 
 
 #
@@ -149,8 +141,8 @@ class LiverTumorDARNParameterNode:
 
 
 class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: inputs, "Segment tumors" (a subprocess, so Slicer never freezes), results,
-    click-to-refine (a persistent worker thread, so the network's caches stay warm)."""
+    """The panel: buttons and a timer wired to the Logic (LiverTumorDARNSceneLib.tasks.ModuleTasks),
+    its segmentation job and its click session."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -158,43 +150,34 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
-        self._records = queue.Queue()
-        self._workFolder = None
-        self._clickThread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="LiverTumorDARN-clicks")
-        self._pendingEdit = None
+        self._job = None
         self._clickNode = None
-        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-
-        # The layout lives in the .ui file (Qt Designer); widgets with a SlicerParameterName
-        # property are bound to the parameter node by connectGui.
+        # The layout lives in the .ui file; widgets with a SlicerParameterName are bound by connectGui.
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LiverTumorDARN.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = LiverTumorDARNLogic()
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
         self._timer.connect("timeout()", self.onPoll)
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantomButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.clickModeButton.connect("toggled(bool)", self.onClickModeToggled)
         self.ui.refineAllButton.connect("clicked(bool)", self.onRefineAllButton)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
-
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """The module (or the application) closes: no worker may outlive it."""
         self.cancelSegmentation()
-        self._clickThread.shutdown(wait=False)
+        self.logic.close_click_session()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -210,6 +193,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelSegmentation()
         self.ui.clickModeButton.checked = False
+        self.logic.close_click_session()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -219,9 +203,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -232,16 +214,10 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
-            self.nameModelChoices()
+            # connectGui names the choices "bundled" and "custom"
+            self.ui.modelComboBox.setItemText(0, _("Bundled: {models}").format(models=self.logic.bundled_models_name()))
+            self.ui.modelComboBox.setItemText(1, _("Custom weights folder"))
             self.onParameterNodeModified()
-
-    def nameModelChoices(self) -> None:
-        """Give the model choices readable names (connectGui fills the combo box with the bare
-        choices, "bundled" and "custom"), the bundled one saying which DARN it is."""
-        from LiverTumorDARNLib.weights import bundled_models_dir, describe_models
-
-        self.ui.modelComboBox.setItemText(0, _("Bundled: {models}").format(models=describe_models(bundled_models_dir())))
-        self.ui.modelComboBox.setItemText(1, _("Custom weights folder"))
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         """The weights folder can be chosen only when the model is a custom one."""
@@ -250,110 +226,83 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsPathLineEdit.enabled = custom
 
     def modelsFolder(self) -> pathlib.Path:
-        """The weights folder the panel names, checked (a wrong one raises a one-line InputError)."""
-        return self.logic.modelsDirectory(self._parameterNode.modelSource, self._parameterNode.customModelsFolder)
+        return self.logic.models_dir(self._parameterNode.modelSource, self._parameterNode.customModelsFolder)
 
     def onLoadPhantomButton(self) -> None:
-        """Load the phantom of the chosen seed and make it the input; its true segments stay in their
-        own node for comparison, and "Segment tumors" writes into a new segmentation."""
+        """The phantom becomes the input; its true segments stay in their own node for comparison."""
         with slicer.util.tryWithErrorDisplay(_("Failed to load the phantom case."), waitCursor=True):
-            volumeNode, _truthNode = loadPhantomSample(self._parameterNode.phantomSeed)
-            self._parameterNode.inputVolume = volumeNode
+            self._parameterNode.inputVolume = loadPhantom(self.logic, self._parameterNode.phantomSeed)
             self._parameterNode.outputSegmentation = None
 
     # ---------------------------------------------------------------- "Segment tumors"
 
     def onSegmentButton(self) -> None:
-        if self._process is not None:
+        if self._job is not None:
             self.cancelSegmentation()
             self.ui.statusLabel.text = _("Cancelled.")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            volumeNode = self._parameterNode.inputVolume
-            if not volumeNode:
-                raise ValueError(_("Select a CT volume first."))
-            modelsFolder = self.modelsFolder()
-            ensurePyTorch()
-            ensurePythonRequirements()
-            if not self._parameterNode.outputSegmentation:
-                self._parameterNode.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", volumeNode.GetName() + " liver and tumors")
-                self._parameterNode.outputSegmentation.CreateDefaultDisplayNodes()
-            self._workFolder = tempfile.mkdtemp(prefix="LiverTumorDARN-")
-            self._process = self.logic.startSegmentation(volumeNode, self._workFolder, self._parameterNode.device,
-                                                         modelsFolder, self._parameterNode.keepUncertainTumors)
-            threading.Thread(target=readRecords, args=(self._process, self._records), daemon=True).start()
+            p = self._parameterNode
+            options = SegmentationOptions(self.modelsFolder(), p.device, p.perTumor, p.keepUncertainTumors)
+            p.outputSegmentation = p.outputSegmentation or self.logic.new_segmentation(p.inputVolume)
+            p.resultsTable = p.resultsTable or self.logic.new_results_table()
+            self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
+            self._job = self.logic.start_segmentation(p.inputVolume, p.outputSegmentation, p.resultsTable, options,
+                                                      self.showProgress, self.showMessage)
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Starting...")
             self._timer.start()
 
     def cancelSegmentation(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-        self._finishSegmentation()
-
-    def _finishSegmentation(self) -> None:
-        self._process = None
-        self._records = queue.Queue()
-        if self._workFolder:
-            shutil.rmtree(self._workFolder, ignore_errors=True)
-            self._workFolder = None
+        if self._job is not None:
+            self._job.cancel()
+        self._job = None
         self.ui.segmentButton.text = _("Segment tumors")
-        if self._pendingEdit is None:
-            self._timer.stop()
+
+    def showProgress(self, stage: str, fraction: float) -> None:
+        self.ui.progressBar.value = int(100 * fraction)
+        self.ui.statusLabel.text = STAGE_NAMES.get(stage, stage)
+
+    def showMessage(self, text: str) -> None:
+        """In the panel, not in a dialog: a dialog's event loop would run the timer inside the poll."""
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text, 10000)
 
     def onPoll(self) -> None:
-        """Drain what the subprocess and the click thread reported (this runs on Slicer's main
-        thread, the only one that may touch the scene)."""
-        self._pollClick()
-        if self._process is None:
-            return
-        error = None
-        while not self._records.empty():
-            record = self._records.get()
-            if "stage" in record:
-                self.ui.progressBar.value = int(100 * record["fraction"])
-                self.ui.statusLabel.text = STAGE_NAMES.get(record["stage"], record["stage"])
-            elif "message" in record:
-                slicer.util.warningDisplay(record["message"])
-            elif "error" in record:
-                error = record["error"]
-            elif "output" in record:
-                self.ui.statusLabel.text = record["output"]
-        if self._process.poll() is None or not self._records.empty():
-            return
-        returnCode, labelsPath = self._process.returncode, os.path.join(self._workFolder, "labels.nrrd")
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            try:
-                if returnCode != 0:
-                    raise RuntimeError(error or _("The segmentation process stopped with status {code}.").format(code=returnCode))
-                report = self.logic.loadResult(labelsPath, self._parameterNode.inputVolume,
-                                               self._parameterNode.outputSegmentation, self._resultsTable(),
-                                               self._parameterNode.perTumor)
-                self.showReport(report)
-            finally:
-                self._finishSegmentation()
+        """The timer, on Slicer's main thread (the only one that touches the scene): the job and the
+        click session write what they finished."""
+        job = self._job
+        if job is not None:
+            with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+                try:
+                    if job.poll():
+                        self.ui.progressBar.value = 100
+                        self.showReport(job.report, self.ui.statusLabel, " ".join([_("Done."), *job.messages]))
+                finally:
+                    if job.finished and self._job is job:
+                        self.cancelSegmentation()
+        with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
+            edit = self.logic.poll_clicks(self._parameterNode.resultsTable if self._parameterNode else None)
+            if edit is not None:
+                self.showReport(edit.report, self.ui.refineStatusLabel, edit.message)
+        if self._job is None and not self.logic.clicks_busy:
+            self._timer.stop()
 
-    def _resultsTable(self):
-        if not self._parameterNode.resultsTable:
-            self._parameterNode.resultsTable = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "Liver tumors")
-            self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.resultsTable)
-        return self._parameterNode.resultsTable
+    def showReport(self, report, statusLabel, status: str) -> None:
+        from LiverTumorDARNSceneLib.scene import summary
 
-    def showReport(self, report) -> None:
-        from LiverTumorDARNSceneLib import scene
-
-        self.ui.summaryLabel.text = scene.summary(report)
-        self.ui.statusLabel.text = _("Done.")
-        self.ui.progressBar.value = 100
+        if report is not None:
+            self.ui.summaryLabel.text = summary(report)
+        statusLabel.text = status
 
     def onResultClicked(self, index) -> None:
+        from LiverTumorDARNSceneLib.scene import tumor_centroid_in_view_row
+
         table = self._parameterNode.resultsTable
-        if not table:
-            return
-        r, a, s = (float(table.GetCellText(index.row(), column)) for column in (4, 5, 6))
-        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        centroid = tumor_centroid_in_view_row(table, index.row()) if table else None
+        if centroid is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*centroid, True)
 
     # ---------------------------------------------------------------- click-to-refine
 
@@ -369,119 +318,30 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.modules.markups.logic().StartPlaceMode(True)  # stays in place mode: one click after another
 
     def onPointPlaced(self, caller, event) -> None:
-        if self._pendingEdit is not None:
-            self.ui.refineStatusLabel.text = _("Still working on the previous click.")
-            return
         point = [0.0, 0.0, 0.0]
         caller.GetNthControlPointPositionWorld(caller.GetNumberOfControlPoints() - 1, point)
         positive = not self.ui.negativeCheckBox.checked
-        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.click(ct, labels, pointIjk, positive), point)
+        self.startEdit(lambda session, volume, segmentation: session.click(volume, segmentation, point, positive))
 
     def onRefineAllButton(self) -> None:
-        self._submitEdit(lambda refiner, ct, labels, pointIjk: refiner.refine_all(ct, labels))
+        self.startEdit(lambda session, volume, segmentation: session.refine_all(volume, segmentation))
 
-    def _submitEdit(self, edit, pointRas=None) -> None:
-        """Run ``edit(refiner, ct, labels, pointIjk)`` on the click thread. Everything it needs from
-        the scene and the panel is read here, on the main thread: Qt widgets and MRML nodes must not
-        be touched from another thread."""
+    def startEdit(self, start) -> None:
+        """``start(session, volume, segmentation)`` starts an edit on the click session."""
         with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
-            ensurePyTorch()
-            ensurePythonRequirements()
-            volume, segmentation = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
-            ct, labels = self.logic.editInputs(volume, segmentation)
-            pointIjk = self.logic.rasToIjk(volume, pointRas) if pointRas is not None else None
-            device, modelsFolder = self._parameterNode.device, self.modelsFolder()
-            refiner = lambda: self.logic.refiner(device, modelsFolder)
-            self._pendingEdit = (self._clickThread.submit(lambda: edit(refiner(), ct, labels, pointIjk)), volume, segmentation)
-            self.ui.refineStatusLabel.text = _("Refining...")
+            p = self._parameterNode
+            started = start(self.logic.click_session(p.device, self.modelsFolder()), p.inputVolume, p.outputSegmentation)
+            self.ui.refineStatusLabel.text = _("Refining...") if started else _("Still working on the previous click.")
             self._timer.start()
 
-    def _pollClick(self) -> None:
-        if self._pendingEdit is None or not self._pendingEdit[0].done():
-            return
-        future, volume, segmentation = self._pendingEdit
-        self._pendingEdit = None
-        if self._process is None:
-            self._timer.stop()
-        with slicer.util.tryWithErrorDisplay(_("Refinement failed."), waitCursor=True):
-            change = future.result()
-            saveStateForUndo(segmentation, volume)
-            self.logic.applyChange(volume, segmentation, change, self._resultsTable())
-            self.ui.refineStatusLabel.text = change.message
-            self.showReport(self.logic.lastReport)
-
-
-def readRecords(process, records: queue.Queue) -> None:
-    """The reader thread: every line of the subprocess, parsed, into the queue (never the scene)."""
-    for line in process.stdout:
-        try:
-            records.put(json.loads(line))
-        except ValueError:
-            records.put({"output": line.strip()})
-
-
-def saveStateForUndo(segmentationNode, volumeNode) -> None:
-    """Let the Segment Editor's Undo take back the next change of ``segmentationNode``."""
-    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-    if editor.segmentationNode() is not segmentationNode:
-        editor.setSegmentationNode(segmentationNode)
-        editor.setSourceVolumeNode(volumeNode)
-    editor.saveStateForUndo()
-
-
-@functools.cache  # once it has succeeded: it runs before every click
-def ensurePyTorch() -> None:
-    """Have the PyTorch extension install PyTorch (a build that fits this machine's GPU) if it is
-    missing, after the user agrees; the extension is a dependency of this one."""
-    from LiverTumorDARNSceneLib.dependencies import TORCH_REQUIREMENT
-
-    try:
-        import PyTorchUtils
-    except ModuleNotFoundError:
-        raise RuntimeError(_("Liver Tumor DARN needs the PyTorch extension: install \"PyTorch\" from the "
-                             "Extensions Manager, restart Slicer and try again.")) from None
-    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if not torchLogic.torchInstalled() and torchLogic.installTorch(
-            askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-        raise RuntimeError(_("PyTorch was not installed; Liver Tumor DARN needs it to segment."))
-
-
-@functools.cache  # once it has succeeded: it runs before every click
-def ensurePythonRequirements() -> None:
-    """Install the packages of Resources/requirements.txt that are missing, after asking once,
-    without replacing any package Slicer ships (see LiverTumorDARNSceneLib.dependencies)."""
-    from LiverTumorDARNSceneLib import dependencies
-
-    requirementsPath = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
-    constraintsPath = dependencies.write_constraints(os.path.join(slicer.app.temporaryPath, "LiverTumorDARN-constraints.txt"))
-    packaging = slicerPipEnsureModule()
-    if packaging:
-        packaging.pip_ensure(packaging.load_requirements(requirementsPath), constraints=constraintsPath,
-                             requester="Liver Tumor DARN")
-        return
-    missing = dependencies.missing_requirements(dependencies.read_requirements(requirementsPath))
-    if not missing:
-        return
-    if not slicer.util.confirmOkCancelDisplay(
-        _("Liver Tumor DARN needs these Python packages: {packages}. Install them now?").format(packages=", ".join(missing))
-    ):
-        raise RuntimeError(_("The required Python packages are not installed."))
-    slicer.util.pip_install(missing + ["-c", str(constraintsPath)])
-
-
-def slicerPipEnsureModule():
-    """Slicer's module with pip_ensure and load_requirements (slicer.packaging, called slicer.pydeps
-    in some 5.11 previews), or None in releases that have neither."""
-    import importlib  # not "import slicer.packaging": that would make "slicer" a local name here
-
-    for name in ("slicer.packaging", "slicer.pydeps"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "pip_ensure"):
-            return module
-    return None
+    def onUndoButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+            p = self._parameterNode
+            edit = self.logic.undo(p.inputVolume, p.outputSegmentation, p.resultsTable)
+            if edit is None:
+                self.ui.refineStatusLabel.text = _("Nothing to undo.")
+            else:
+                self.showReport(edit.report, self.ui.refineStatusLabel, edit.message)
 
 
 #
@@ -489,91 +349,51 @@ def slicerPipEnsureModule():
 #
 
 
-class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
-    """Scene work of the module, usable from the Python console without the GUI.
+@functools.lru_cache(maxsize=None)  # once it has succeeded: it runs before every segmentation and click
+def ensurePythonRequirements() -> None:
+    """Install the pip packages of Resources/requirements.txt that are missing, after asking."""
+    from LiverTumorDARNSceneLib import dependencies
 
-    The computation lives in LiverTumorDARNLib and the node handling in LiverTumorDARNSceneLib.scene;
-    this class ties them to the application (its Python, its scene, the persistent refiner).
+    dependencies.ensure_python_requirements(os.path.join(MODULE_DIR, "Resources", "requirements.txt"),
+                                            os.path.join(slicer.app.temporaryPath, "LiverTumorDARN-constraints.txt"))
+
+
+@functools.lru_cache(maxsize=None)
+def ensurePyTorch() -> None:
+    """Have the PyTorch extension install or upgrade PyTorch, after asking."""
+    from LiverTumorDARNSceneLib import dependencies
+
+    dependencies.ensure_pytorch()
+
+
+def pythonSlicer() -> list:
+    """The command that runs Slicer's Python (a launcher that starts python-real) for the worker."""
+    path = shutil.which("PythonSlicer")
+    if not path:
+        raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
+    return [path]
+
+
+class LiverTumorDARNLogic(ModuleTasks, ScriptedLoadableModuleLogic):
+    """The module's work, usable from the Python console without the panel (all of it is
+    LiverTumorDARNSceneLib.tasks.ModuleTasks, tested without the application), e.g.::
+
+        import LiverTumorDARN
+        logic = LiverTumorDARN.LiverTumorDARNLogic()
+        segmentation, report = logic.segment(volumeNode)
+        edit = logic.click(volumeNode, segmentation, pointRas)
+
+    ModuleTasks comes first: ScriptedLoadableModuleLogic.__init__ calls super().__init__() without
+    arguments, which then reaches object, not ModuleTasks.
     """
 
     def __init__(self) -> None:
+        ModuleTasks.__init__(self, slicer.mrmlScene, ensurePythonRequirements, ensurePyTorch, pythonSlicer,
+                             slicer.util.startupEnvironment)
         ScriptedLoadableModuleLogic.__init__(self)
-        self._refiner = None
-        self._refinerKey = None
-        self.lastReport = None
 
     def getParameterNode(self):
         return LiverTumorDARNParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def modelsDirectory(source: str = BUNDLED, customFolder: pathlib.Path = pathlib.Path()) -> pathlib.Path:
-        """The weights folder of a model choice (BUNDLED or CUSTOM), its files checked."""
-        from LiverTumorDARNLib.weights import chosen_models_dir
-
-        return chosen_models_dir(source, customFolder)
-
-    def startSegmentation(self, volumeNode, workFolder: str, device: str, modelsFolder: pathlib.Path,
-                          keepUncertainTumors: bool = False):
-        """Write the CT (world geometry) to ``workFolder`` and start the worker process on it."""
-        import SimpleITK as sitk
-
-        from LiverTumorDARNSceneLib import scene
-
-        ctPath = os.path.join(workFolder, "ct.nrrd")
-        sitk.WriteImage(scene.image_from_volume(volumeNode), ctPath)
-        pythonSlicer = shutil.which("PythonSlicer")
-        if not pythonSlicer:
-            raise RuntimeError(_("PythonSlicer was not found next to Slicer."))
-        command = [pythonSlicer, "-m", "LiverTumorDARNSceneLib.worker", ctPath, os.path.join(workFolder, "labels.nrrd"),
-                   "--models", str(modelsFolder), "--device", device]
-        if keepUncertainTumors:
-            command += ["--min-tumor-confidence", "0"]
-        environment = {"PYTHONPATH": os.pathsep.join([MODULE_DIR, os.environ.get("PYTHONPATH", "")])}
-        return slicer.util.launchConsoleProcess(command, updateEnvironment=environment)
-
-    def loadResult(self, labelsPath: str, volumeNode, segmentationNode, tableNode, perTumor: bool = False):
-        """The worker's label map into the module's segments and the results table."""
-        import SimpleITK as sitk
-
-        from LiverTumorDARNSceneLib import scene
-
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(labelsPath))
-        scene.write_segments(segmentationNode, volumeNode, labels, perTumor)
-        self.lastReport = scene.measure(scene.image_from_volume(volumeNode), labels)
-        scene.write_results_table(tableNode, self.lastReport)
-        return self.lastReport
-
-    def refiner(self, device: str, modelsFolder: pathlib.Path):
-        """The refinement network, loaded once per device and weights folder (on the click thread)."""
-        from LiverTumorDARNLib.pipeline import resolve_device
-        from LiverTumorDARNLib.refine import Refiner
-
-        key = (device, modelsFolder)
-        if self._refiner is None or self._refinerKey != key:
-            self._refiner = Refiner.load(modelsFolder, resolve_device(device))
-            self._refinerKey = key
-        return self._refiner
-
-    @staticmethod
-    def editInputs(volumeNode, segmentationNode):
-        """The CT and the current label array an edit starts from (read on the main thread)."""
-        from LiverTumorDARNSceneLib import scene
-
-        return scene.image_from_volume(volumeNode), scene.labels_from_segments(segmentationNode, volumeNode)
-
-    @staticmethod
-    def rasToIjk(volumeNode, pointRas):
-        from LiverTumorDARNSceneLib import scene
-
-        return scene.ras_to_ijk(volumeNode, pointRas)
-
-    def applyChange(self, volumeNode, segmentationNode, change, tableNode) -> None:
-        """Write a refinement's changed box into the segments and update the results."""
-        from LiverTumorDARNSceneLib import scene
-
-        scene.apply_change(segmentationNode, volumeNode, change.labels, change.box)
-        self.lastReport = scene.measure(scene.image_from_volume(volumeNode), change.labels)
-        scene.write_results_table(tableNode, self.lastReport)
 
 
 #
@@ -582,44 +402,55 @@ class LiverTumorDARNLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverTumorDARNTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Reload and Test, or ctest): the panel's scenario end to end, on phantoms."""
+    """Runs in Slicer (Reload and Test, or ctest): the Logic and the panel end to end, on a small phantom."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_segment_tumors_one_segment_each_then_refine_all_through_the_panel()
-        self.setUp()
-        self.test_the_sample_data_entry_draws_the_sample_phantom()
+        for test in (self.test_segment_refine_and_undo_through_the_logic,
+                     self.test_the_panel_segments_and_its_cancel_ends_the_worker,
+                     self.test_the_sample_data_entry_draws_the_sample_phantom):
+            self.setUp()
+            test()
 
-    def test_segment_tumors_one_segment_each_then_refine_all_through_the_panel(self):
+    def test_segment_refine_and_undo_through_the_logic(self):
         from LiverTumorDARNSceneLib import scene
 
-        self.delayDisplay("Loading a small phantom case")
-        widget = slicer.modules.livertumordarn.widgetRepresentation().self()
-        volumeNode, truthNode = scene.add_phantom_case(slicer.mrmlScene, seed=1, small=True)
+        logic = LiverTumorDARNLogic()
+        volumeNode, truthNode = logic.load_phantom(seed=1, small=True)
         userSegmentId = truthNode.GetSegmentation().AddEmptySegment("", "User note")
-        widget._parameterNode.inputVolume = volumeNode
-        widget._parameterNode.outputSegmentation = truthNode  # holds a user segment that must survive
+        table = logic.new_results_table()
+        self.delayDisplay("Segment tumors (worker process)")
+        _node, report = logic.segment(volumeNode, truthNode, table, SegmentationOptions(device="cpu", per_tumor=True))
+        tumorIds = scene.module_segment_ids(truthNode)["tumor"]
+        self.assertEqual([truthNode.GetSegmentation().GetSegment(i).GetName() for i in tumorIds],
+                         [f"Liver tumor {n}" for n in range(1, len(report.tumors) + 1)])
+        self.assertEqual(truthNode.GetSegmentation().GetSegment(userSegmentId).GetName(), "User note")
+        self.assertEqual(table.GetNumberOfRows(), len(report.tumors))
+        self.delayDisplay("Refine all, then undo (click thread)")
+        before = scene.labels_from_segments(truthNode, volumeNode)
+        self.assertIn("refined", logic.refine_all(volumeNode, truthNode, table, device="cpu").message)
+        logic.undo(volumeNode, truthNode, table)
+        self.assertTrue((scene.labels_from_segments(truthNode, volumeNode) == before).all())
+        self.delayDisplay("Test passed")
+
+    def test_the_panel_segments_and_its_cancel_ends_the_worker(self):
+        widget = slicer.modules.livertumordarn.widgetRepresentation().self()
+        widget._parameterNode.inputVolume, _truth = widget.logic.load_phantom(seed=1, small=True)
+        widget._parameterNode.outputSegmentation = None
         widget._parameterNode.device = "cpu"
-        widget._parameterNode.perTumor = True
-
-        self.delayDisplay("Segment tumors (subprocess)")
+        self.delayDisplay("Segment tumors, then Cancel")
         widget.onSegmentButton()
-        while widget._process is not None:
+        job = widget._job
+        widget.onSegmentButton()
+        self.assertTrue(job.cancelled)
+        self.assertFalse(job.worker_running)
+        self.delayDisplay("Segment tumors to the end")
+        widget.onSegmentButton()
+        while widget._job is not None:
             slicer.app.processEvents()
-        segmentation = truthNode.GetSegmentation()
-        tumorNames = [segmentation.GetSegment(i).GetName() for i in scene.module_segment_ids(truthNode)["tumor"]]
-        self.assertEqual(tumorNames, [f"Liver tumor {n}" for n in range(1, len(widget.logic.lastReport.tumors) + 1)])
-        self.assertEqual(segmentation.GetSegment(userSegmentId).GetName(), "User note")
-        self.assertEqual(widget._parameterNode.resultsTable.GetNumberOfRows(), len(widget.logic.lastReport.tumors))
-
-        self.delayDisplay("Refine all tumors (click thread)")
-        widget.onRefineAllButton()
-        while widget._pendingEdit is not None:
-            slicer.app.processEvents()
-        self.assertTrue(widget.ui.refineStatusLabel.text.endswith("refined") or "no change" in widget.ui.refineStatusLabel.text)
+        self.assertGreater(widget._parameterNode.resultsTable.GetNumberOfColumns(), 0)
         self.delayDisplay("Test passed")
 
     def test_the_sample_data_entry_draws_the_sample_phantom(self):

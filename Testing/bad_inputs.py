@@ -124,7 +124,7 @@ BAD_INPUTS = [
     BadInput("DICOM folder of an MR series", _dicom(modality="MR"), "no axial CT series"),
     BadInput("volume too large for the memory left", _ct, "GB of memory",
              patches={"LiverTumorDARNLib.pipeline.available_memory_bytes": lambda: 100e6}),
-    BadInput("output exists", _ct, "pass --overwrite", keeps_output=b"the user's earlier result"),
+    BadInput("output exists", _ct, "allow overwriting to replace it (--overwrite)", keeps_output=b"the user's earlier result"),
     BadInput("output folder not writable", _ct_under_a_file, "cannot create the output folder",
              output_name="a-file/labels.nii.gz"),
     BadInput("output format unknown", _ct, "cannot tell the output format", output_name="labels.png"),

@@ -14,6 +14,10 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+AS_DICOM_FILE = ({"enforce_file_format": True} if int(pydicom.__version__.split(".")[0]) >= 3
+                 else {"write_like_original": False})
+"""Write a proper DICOM file (preamble, file meta): pydicom 3's name, and pydicom 2's (Python 3.9)."""
+
 STUDY_UID = generate_uid()
 FRAME_OF_REFERENCE_UID = generate_uid()
 
@@ -44,7 +48,7 @@ def write_series(folder: Path, hu: np.ndarray, *, spacing=(0.8, 0.8, 2.5), origi
                     + column * np.tan(np.radians(tilt_degrees)) * k * spacing[2])
         dataset = _ct_slice(stored[k], spacing, position, orientation, slope, intercept, modality,
                             image_type, description, series_uid, number, tilt_degrees)
-        dataset.save_as(folder / f"{prefix}{name:04d}.dcm", enforce_file_format=True)
+        dataset.save_as(folder / f"{prefix}{name:04d}.dcm", **AS_DICOM_FILE)
     return series_uid
 
 

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from dicom_series import write_series
-from LiverTumorDARNLib import batch
+from LiverTumorDARNLib import batch, segmenter
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.phantom import generate_case
@@ -56,7 +56,7 @@ def run_batch(inputs, out_dir, models_dir, *extra) -> int:
 def interrupt_at_case(monkeypatch, number: int) -> None:
     """Make the pipeline raise Ctrl-C when it is called for the ``number``-th time."""
     calls = {"count": 0}
-    segment = batch.segment
+    segment = segmenter.segment
 
     def segment_until_interrupted(*args, **kwargs):
         calls["count"] += 1
@@ -64,7 +64,7 @@ def interrupt_at_case(monkeypatch, number: int) -> None:
             raise KeyboardInterrupt
         return segment(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "segment", segment_until_interrupted)
+    monkeypatch.setattr(segmenter, "segment", segment_until_interrupted)
 
 
 def test_corrupt_case_is_reported_and_the_others_are_written(inputs, models_dir, expected_labels, tmp_path, capsys):

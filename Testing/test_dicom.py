@@ -71,7 +71,9 @@ def test_unknown_series_uid_names_the_series_there_are(tmp_path):
 
 def test_folder_without_ct_series_asks_for_series_uid(tmp_path):
     write_series(tmp_path, marked_hu(), modality="MR")
-    assert "--series-uid" in one_line_error(read_image, tmp_path)
+    with pytest.raises(InputError, match="choose one by its series UID") as refusal:
+        read_image(tmp_path)
+    assert refusal.value.option == "series_uid"
 
 
 def test_missing_slice_is_reported_with_its_gap(tmp_path):

@@ -7,6 +7,8 @@ every core test still passes. These tests catch that here.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
 import py_compile
@@ -120,17 +122,33 @@ def test_the_module_script_compiles(tmp_path):
     py_compile.compile(str(MODULE_SCRIPT), cfile=str(tmp_path / "module.pyc"), doraise=True)
 
 
-def test_the_module_script_loads_before_its_first_use_installs_torch_and_the_pip_packages():
+@pytest.mark.parametrize("path", _module_python_files(), ids=_relative)
+def test_every_file_slicer_loads_is_python_3_9(path):
+    """Slicer 5.8 runs Python 3.9: no match statement, no other 3.10+ grammar."""
+    ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
+
+
+def test_the_module_script_loads_light_before_its_first_use_installs_anything():
     """Slicer imports every module at start-up, when torch (PyTorch extension) and the pip
-    requirements may not be installed yet: what the script imports at its top must not need them."""
-    imported = re.findall(r"^from (LiverTumorDARNLib\.\w+) import", MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    requirements may not be installed yet, and every start waits for what it imports: what the
+    script imports at its top must need neither those nor scipy and SimpleITK."""
+    imported = re.findall(r"^from (LiverTumorDARN(?:Scene)?Lib\.\w+) import", MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
     assert imported, "the check needs the script's top-level imports of the core"
-    installed_on_first_use = {"torch", "cc3d", "tqdm"}
+    not_at_start = {"torch", "cc3d", "tqdm", "scipy", "SimpleITK"}
     code = "; ".join(["import sys", *(f"import {name}" for name in imported),
-                      f"print(sorted({installed_on_first_use!r} & sys.modules.keys()))"])
+                      f"print(sorted({not_at_start!r} & sys.modules.keys()))"])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(MODULE_DIR)})
     assert done.stdout.strip() == "[]"
+
+
+def test_the_module_scripts_sample_seed_is_the_phantoms_and_the_panels():
+    from LiverTumorDARNLib.phantom import SAMPLE_SEED
+
+    match = re.search(r"^SAMPLE_SEED = (\d+)$", MODULE_SCRIPT.read_text(), flags=re.MULTILINE)
+    spin_box = re.search(r'name="phantomSeedSpinBox".*?<property name="value">\s*<number>(\d+)</number>',
+                         UI_FILE.read_text(), flags=re.DOTALL)
+    assert int(match.group(1)) == int(spin_box.group(1)) == SAMPLE_SEED
 
 
 def test_the_extension_project_name_matches_the_index_entry_file_name():
@@ -172,7 +190,7 @@ def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
 
 
 SHIPPED_WITH_SLICER = {name.lower() for name in dependencies.SHIPPED_WITH_SLICER}
-COMMAND_LINE_ONLY = {"highdicom", "slicerio"}  # DICOM SEG and .seg.nrrd: inside Slicer, Slicer writes them
+COMMAND_LINE_ONLY = {"highdicom", "slicerio", "tqdm"}  # DICOM SEG, .seg.nrrd (Slicer writes them), progress bars
 
 
 def _requirement_names(requirements) -> set[str]:
@@ -180,9 +198,8 @@ def _requirement_names(requirements) -> set[str]:
 
 
 def _core_dependencies() -> list[str]:
-    import tomllib
-
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The installed package's dependencies (pyproject.toml's, read back without tomllib: Python 3.9)."""
+    return [line for line in importlib.metadata.requires("livertumordarn") if "extra ==" not in line]
 
 
 def test_the_torch_version_asked_of_the_pytorch_extension_is_the_cores():

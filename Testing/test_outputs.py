@@ -106,8 +106,9 @@ def test_output_format_follows_the_file_name(tmp_path, name, expected):
 
 
 def test_output_name_without_a_known_suffix_is_refused(tmp_path):
-    with pytest.raises(InputError, match="--format"):
+    with pytest.raises(InputError, match="cannot tell the output format") as refusal:
         output_format(tmp_path / "labels.png")
+    assert refusal.value.option == "format"
 
 
 def small_report() -> CaseReport:

@@ -1,4 +1,5 @@
-"""The Slicer module's scene logic against Slicer's real MRML classes (PyPI ``slicer-core``).
+"""The Slicer module's scene logic and the panel's work (the segmentation job with a real worker
+process, the click session) against Slicer's real MRML classes (PyPI ``slicer-core``).
 
 Volumes are loaded with Slicer's own reader (vtkMRMLVolumeArchetypeStorageNode), so the geometry
 the logic sees is the one the application would give it; when a test puts the volume under a
@@ -21,9 +22,9 @@ from LiverTumorDARNLib.cli import main  # noqa: E402
 from LiverTumorDARNLib.errors import InputError  # noqa: E402
 from LiverTumorDARNLib.labels import LIVER, TUMOR  # noqa: E402
 from LiverTumorDARNLib.phantom import generate_case  # noqa: E402
-from LiverTumorDARNLib.pipeline import load_stages  # noqa: E402
 from LiverTumorDARNLib.refine import Refiner  # noqa: E402
 from LiverTumorDARNSceneLib import scene as logic  # noqa: E402
+from LiverTumorDARNSceneLib.tasks import ClickSession, ModuleTasks, SegmentationOptions  # noqa: E402
 from test_refine import Bright, dice, scan, shrunk  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -111,6 +112,31 @@ def mrml_scene():
     return slicer.vtkMRMLScene()
 
 
+def segment_in_worker(volume, segmentation, models_dir, per_tumor=False):
+    """"Segment tumors" as the panel runs it: a worker process, its label map written by the job."""
+    options = SegmentationOptions(models_dir, "cpu", per_tumor)
+    return ModuleTasks(volume.GetScene()).segment(volume, segmentation, options=options)[1]
+
+
+def clicks(refiner=None) -> ClickSession:
+    """The panel's click session, with the bright-tumor test network (see test_refine)."""
+    return ClickSession(lambda: refiner or Refiner(Bright(), CPU))
+
+
+def click(volume, segmentation, point_ras, positive=True) -> str:
+    """One click through the panel's click session, waited for; what it did."""
+    session = clicks()
+    assert session.click(volume, segmentation, point_ras, positive)
+    return session.wait().message
+
+
+def refine_all(volume, segmentation) -> str:
+    """"Refine all tumors" through the panel's click session, waited for; what it did."""
+    session = clicks()
+    assert session.refine_all(volume, segmentation)
+    return session.wait().message
+
+
 @pytest.fixture(scope="module")
 def phantom_file(tmp_path_factory):
     """A small phantom with flipped i and k axes and a non-zero origin."""
@@ -129,21 +155,37 @@ def command_line_labels(phantom_file, models_dir, tmp_path_factory):
     return sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
 
 
-@pytest.fixture
-def segmented(mrml_scene, phantom_file, models_dir):
-    """The phantom under a rotating parent transform, segmented by the scene logic."""
+def segmented_phantom(phantom_file, models_dir, per_tumor: bool):
+    """The phantom under a rotating parent transform in a scene of its own, segmented by the
+    panel's segmentation job (a real worker process)."""
+    logic.register_segmentation_converters()
+    mrml_scene = slicer.vtkMRMLScene()
     volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
-    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU)
-    return volume, segmentation
+    segment_in_worker(volume, segmentation, models_dir, per_tumor)
+    return mrml_scene, volume, segmentation
 
 
-@pytest.fixture
-def segmented_per_tumor(mrml_scene, phantom_file, models_dir):
+@pytest.fixture(scope="module")
+def segmented(phantom_file, models_dir):
+    """The segmented phantom, for tests that only read it."""
+    mrml_scene, volume, segmentation = segmented_phantom(phantom_file, models_dir, per_tumor=False)
+    yield volume, segmentation  # the scene lives as long as the fixture: its nodes need it
+
+
+@pytest.fixture(scope="module")
+def segmented_per_tumor(phantom_file, models_dir):
     """As ``segmented``, with one segment per tumor."""
+    mrml_scene, volume, segmentation = segmented_phantom(phantom_file, models_dir, per_tumor=True)
+    yield volume, segmentation
+
+
+@pytest.fixture
+def earlier_result(mrml_scene, phantom_file, command_line_labels):
+    """The phantom with this module's segments of an earlier run (the command line's labels)."""
     volume = load_volume(mrml_scene, phantom_file, parent=rotation_and_shift())
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Result")
-    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU, per_tumor=True)
+    logic.write_segments(segmentation, volume, command_line_labels)
     return volume, segmentation
 
 
@@ -223,14 +265,14 @@ def test_the_segmentation_takes_the_volume_as_reference_geometry_and_parent_tran
     assert segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
 
 
-def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(segmented, models_dir, command_line_labels):
-    volume, segmentation = segmented
+def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir, command_line_labels):
+    volume, segmentation = earlier_result
     users = np.zeros(command_line_labels.shape, np.uint8)
     users[10:20, 30:60, 30:60] = 1  # overlaps the liver
     user_id = segmentation.GetSegmentation().AddEmptySegment("", "My note", (0.0, 0.0, 1.0))
     logic._replace_segment(segmentation, user_id, users, volume)
 
-    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU)
+    segment_in_worker(volume, segmentation, models_dir)
 
     names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentation.GetSegmentation().GetSegmentIDs()]
     assert sorted(names) == ["Liver", "Liver tumor", "My note"]
@@ -268,15 +310,15 @@ def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and
     assert len({s.GetColor() for s in segments[:2]}) == 2, "neighbouring numbers have different shades"
 
 
-def test_a_rerun_per_tumor_replaces_the_module_segments_and_keeps_the_users(segmented, models_dir,
+def test_a_rerun_per_tumor_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir,
                                                                              command_line_labels):
-    volume, segmentation = segmented
+    volume, segmentation = earlier_result
     users = np.zeros(command_line_labels.shape, np.uint8)
     users[10:20, 30:60, 30:60] = 1
     user_id = segmentation.GetSegmentation().AddEmptySegment("", "My note", (0.0, 0.0, 1.0))
     logic._replace_segment(segmentation, user_id, users, volume)
 
-    logic.segment_volume(volume, segmentation, *load_stages(models_dir, CPU), CPU, per_tumor=True)
+    segment_in_worker(volume, segmentation, models_dir, per_tumor=True)
 
     tumor_count = cc3d.connected_components(command_line_labels == TUMOR, connectivity=26).max()
     assert sorted(segment_names(segmentation)) == sorted(
@@ -304,7 +346,7 @@ def test_refining_without_segments_of_the_module_asks_to_segment_first(mrml_scen
     volume = load_volume(mrml_scene, phantom_file)
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
     with pytest.raises(InputError, match='run "Segment tumors" first'):
-        logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+        refine_all(volume, segmentation)
 
 
 # ------------------------------------------------------------------------------ clicks
@@ -324,9 +366,9 @@ def two_tumors(mrml_scene, tmp_path):
 def test_a_click_in_ras_refines_the_tumor_under_it_and_only_that_tumor(two_tumors):
     ct, truth, volume, segmentation = two_tumors
     coarse = shrunk(truth)
-    change = logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)))
+    message = click(volume, segmentation, ijk_to_ras(ct, (14, 14, 6)))
     after = logic.labels_from_segments(segmentation, volume)
-    assert change.message == "tumor refined"
+    assert message == "tumor refined"
     first, second = np.zeros_like(truth, bool), np.zeros_like(truth, bool)
     first[:, :25, :25], second[:, 25:, 25:] = True, True
     assert dice((after == TUMOR) & first, (truth == TUMOR) & first) > dice((coarse == TUMOR) & first, (truth == TUMOR) & first) + 0.05
@@ -336,7 +378,7 @@ def test_a_click_in_ras_refines_the_tumor_under_it_and_only_that_tumor(two_tumor
 def test_a_click_writes_the_refiners_labels_and_nothing_outside_its_box(two_tumors):
     ct, truth, volume, segmentation = two_tumors
     expected = Refiner(Bright(), CPU).click(ct, shrunk(truth), (36, 36, 14))
-    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (36, 36, 14)))
+    click(volume, segmentation, ijk_to_ras(ct, (36, 36, 14)))
     assert expected.box is not None
     np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), expected.labels)
 
@@ -345,14 +387,14 @@ def test_a_segmentation_moved_off_the_volumes_transform_is_refused_and_left_as_i
     ct, truth, volume, segmentation = two_tumors
     segmentation.SetAndObserveTransformNodeID(mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
     with pytest.raises(InputError, match="under different transforms"):
-        logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)))
+        click(volume, segmentation, ijk_to_ras(ct, (14, 14, 6)))
     segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
     np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), shrunk(truth))
 
 
 def test_a_negative_click_removes_the_tumor_under_it(two_tumors):
     ct, _truth, volume, segmentation = two_tumors
-    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 6)), positive=False)
+    click(volume, segmentation, ijk_to_ras(ct, (14, 14, 6)), positive=False)
     after = logic.labels_from_segments(segmentation, volume)
     assert not (after[:, :25, :25] == TUMOR).any()
     assert (after[:, 25:, 25:] == TUMOR).any()
@@ -361,14 +403,14 @@ def test_a_negative_click_removes_the_tumor_under_it(two_tumors):
 def test_a_click_outside_the_volume_is_refused_with_the_volume_range(two_tumors):
     ct, _truth, volume, segmentation = two_tumors
     with pytest.raises(InputError, match="is outside the volume"):
-        logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, (14, 14, 400)))
+        click(volume, segmentation, ijk_to_ras(ct, (14, 14, 400)))
 
 
 def test_refine_all_refines_every_tumor(two_tumors):
     _ct, truth, volume, segmentation = two_tumors
-    change = logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+    message = refine_all(volume, segmentation)
     after = logic.labels_from_segments(segmentation, volume)
-    assert change.message == "2 tumors refined"
+    assert message == "2 tumors refined"
     assert dice(after == TUMOR, truth == TUMOR) > dice(shrunk(truth) == TUMOR, truth == TUMOR) + 0.05
 
 
@@ -410,7 +452,7 @@ def test_a_click_in_per_tumor_mode_rewrites_the_clicked_tumors_segment_and_no_ot
     other_before, other_mtime = segment_masks(segmentation, volume, [other])[0], labelmap_mtime(segmentation, other)
     expected = Refiner(Bright(), CPU).click(ct, shrunk(truth), FIRST_TUMOR)
 
-    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, FIRST_TUMOR))
+    click(volume, segmentation, ijk_to_ras(ct, FIRST_TUMOR))
 
     first, _second = halves(truth.shape)
     np.testing.assert_array_equal(segment_masks(segmentation, volume, [clicked])[0], (expected.labels == TUMOR) & first)
@@ -426,11 +468,11 @@ def test_a_lesion_added_by_a_click_joins_the_tumor_segment_or_gets_its_own(two_t
     missed[(missed == TUMOR) & halves(truth.shape)[1]] = LIVER
     logic.write_segments(segmentation, volume, missed, per_tumor=per_tumor)
 
-    change = logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, SECOND_TUMOR))
+    expected = Refiner(Bright(), CPU).click(ct, missed, SECOND_TUMOR)
 
-    assert change.message == "lesion added"
+    assert click(volume, segmentation, ijk_to_ras(ct, SECOND_TUMOR)) == "lesion added"
     assert segment_names(segmentation) == names
-    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), change.labels)
+    np.testing.assert_array_equal(logic.labels_from_segments(segmentation, volume), expected.labels)
     new_segment = tumor_segment_at(segmentation, volume, SECOND_TUMOR)
     assert segmentation.GetSegmentation().GetSegment(new_segment).GetName() == names[-1]
 
@@ -440,7 +482,7 @@ def test_a_negative_click_in_per_tumor_mode_leaves_the_removed_tumors_segment_em
     removed, kept = (tumor_segment_at(segmentation, volume, ijk) for ijk in (FIRST_TUMOR, SECOND_TUMOR))
     kept_before = segment_masks(segmentation, volume, [kept])[0]
 
-    logic.refine_click(volume, segmentation, Refiner(Bright(), CPU), ijk_to_ras(ct, FIRST_TUMOR), positive=False)
+    click(volume, segmentation, ijk_to_ras(ct, FIRST_TUMOR), positive=False)
 
     assert set(logic.module_segment_ids(segmentation)["tumor"]) == {removed, kept}
     assert not segment_masks(segmentation, volume, [removed])[0].any()
@@ -451,11 +493,12 @@ def test_refine_all_in_per_tumor_mode_keeps_each_tumor_in_its_own_segment(two_tu
     ct, truth, volume, segmentation = two_tumor_segments
     segments = [tumor_segment_at(segmentation, volume, ijk) for ijk in (FIRST_TUMOR, SECOND_TUMOR)]
 
-    change = logic.refine_all(volume, segmentation, Refiner(Bright(), CPU))
+    expected = Refiner(Bright(), CPU).refine_all(ct, shrunk(truth))
+    refine_all(volume, segmentation)
 
     for segment_id, half in zip(segments, halves(truth.shape)):
         np.testing.assert_array_equal(segment_masks(segmentation, volume, [segment_id])[0],
-                                      (change.labels == TUMOR) & half)
+                                      (expected.labels == TUMOR) & half)
 
 
 # ------------------------------------------------------------------------------ results
@@ -480,3 +523,70 @@ def test_the_results_table_centroid_is_the_tumors_world_ras_position(two_tumors)
     logic.write_results_table(table, report)
     centroid_ras = [float(table.GetCellText(0, c)) for c in (4, 5, 6)]
     assert logic.ras_to_ijk(volume, centroid_ras) == report.tumors[0].centroid_ijk
+
+
+def test_a_click_on_a_results_row_finds_that_rows_tumor_below_the_row_of_column_titles(two_tumors):
+    """The table view shows the column titles as its first row (qMRMLTableModel::mrmlTableRowIndex)."""
+    _ct, _truth, volume, segmentation = two_tumors
+    report = logic.measure_segments(segmentation, volume)
+    table = volume.GetScene().AddNewNodeByClass("vtkMRMLTableNode", "Results")
+    logic.write_results_table(table, report)
+    first, last = (logic.ras_to_ijk(volume, logic.tumor_centroid_in_view_row(table, row)) for row in (1, 2))
+    assert (first, last) == (report.tumors[0].centroid_ijk, report.tumors[1].centroid_ijk)
+    assert logic.tumor_centroid_in_view_row(table, 0) is None  # the titles
+    assert logic.tumor_centroid_in_view_row(table, 3) is None  # below the last tumor
+    table.SetUseColumnTitleAsColumnHeader(True)
+    assert logic.ras_to_ijk(volume, logic.tumor_centroid_in_view_row(table, 0)) == report.tumors[0].centroid_ijk
+
+
+class Slicer58TableNode(slicer.vtkMRMLTableNode):
+    """A table node as Slicer 5.8 names the header switch (UseColumnName..., not UseColumnTitle...)."""
+
+    @property
+    def GetUseColumnTitleAsColumnHeader(self):
+        raise AttributeError("not in this Slicer")
+
+
+def test_the_row_of_column_titles_is_found_with_the_older_name_of_the_header_switch(two_tumors):
+    _ct, _truth, volume, segmentation = two_tumors
+    report = logic.measure_segments(segmentation, volume)
+    table = Slicer58TableNode()
+    logic.write_results_table(table, report)
+    assert logic.tumor_centroid_in_view_row(table, 0) is None
+    assert logic.ras_to_ijk(volume, logic.tumor_centroid_in_view_row(table, 1)) == report.tumors[0].centroid_ijk
+
+
+# ------------------------------------------------------------------------------ Slicer 5.8's API
+
+
+class Slicer58Segment(slicer.vtkSegment):
+    """A segment as in Slicer 5.8, whose vtkSegment has no SetTerminology (it came with 5.10)."""
+
+    @property
+    def SetTerminology(self):
+        raise AttributeError("not in this Slicer")
+
+
+class Slicer58TerminologyEntry(slicer.vtkSlicerTerminologyEntry):
+    """A terminology entry as in Slicer 5.8: "anatomic" names only, no "region" ones."""
+
+    @property
+    def SetRegionContextName(self):
+        raise AttributeError("not in this Slicer")
+
+
+def test_a_segment_of_slicer_5_8_gets_its_terminology_in_the_tag_that_slicer_reads():
+    segment = Slicer58Segment()
+    assert not hasattr(segment, "SetTerminology")
+    logic.set_terminology(segment, TUMOR_TERMINOLOGY)
+    assert segment.GetTerminology() == TUMOR_TERMINOLOGY
+    assert logic._tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()) == TUMOR_TERMINOLOGY
+
+
+def test_a_terminology_entry_of_slicer_5_8_serializes_to_the_same_codes(monkeypatch):
+    from LiverTumorDARNLib.labels import SEGMENTS
+
+    liver, tumor = (next(spec for spec in SEGMENTS if spec.label == label) for label in (LIVER, TUMOR))
+    assert not hasattr(Slicer58TerminologyEntry(), "SetRegionContextName")
+    monkeypatch.setattr(slicer, "vtkSlicerTerminologyEntry", Slicer58TerminologyEntry)
+    assert (logic.terminology_entry(liver), logic.terminology_entry(tumor)) == (LIVER_TERMINOLOGY, TUMOR_TERMINOLOGY)

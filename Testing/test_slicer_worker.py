@@ -1,5 +1,6 @@
 """The segmentation subprocess of the Slicer panel: JSON lines of named stages, the label map on
-the CT's grid, one-line errors. Runs as the panel runs it, in a separate Python process."""
+the CT's grid, one-line errors that name the volume. Runs as the panel runs it, in a separate
+Python process."""
 
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ def test_the_worker_writes_the_pipelines_label_map_and_reports_named_stages(ct_f
     assert written.GetOrigin() == ct.GetOrigin() and written.GetDirection() == ct.GetDirection()
 
 
-def test_a_ct_the_core_refuses_gives_one_error_record_and_status_2(models_dir, tmp_path):
+def test_a_ct_the_core_refuses_gives_one_error_record_naming_the_volume_and_status_2(models_dir, tmp_path):
     small = sitk.Image(8, 8, 8, sitk.sitkInt16)
-    sitk.WriteImage(small, str(tmp_path / "small.nrrd"))
-    code, records = run_worker(tmp_path / "small.nrrd", tmp_path / "labels.nrrd", "--models", models_dir)
+    sitk.WriteImage(small, str(tmp_path / "ct.nrrd"))
+    code, records = run_worker(tmp_path / "ct.nrrd", tmp_path / "labels.nrrd", "--models", models_dir, "--name", "CT 7")
     assert code == 2
-    assert records == [{"error": "small.nrrd: volume of size (8, 8, 8) is too small to segment; "
+    assert records == [{"error": "CT 7: volume of size (8, 8, 8) is too small to segment; "
                                  "need at least 16 slices and 32x32 voxels in-plane"}]
     assert not (tmp_path / "labels.nrrd").exists()
 

@@ -53,8 +53,9 @@ def test_the_manifest_records_what_the_checkpoint_says_about_its_training(traine
 def test_an_existing_weights_file_is_replaced_only_when_asked(trained, tmp_path):
     checkpoint, _ = trained
     path = export_checkpoint(checkpoint, tmp_path / "models")
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="exists") as refusal:
         export_checkpoint(checkpoint, tmp_path / "models")
+    assert refusal.value.option == "overwrite"
     assert export_checkpoint(checkpoint, tmp_path / "models", overwrite=True) == path
 
 

@@ -34,10 +34,11 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.io import write_json
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
-from LiverTumorDARNLib.pipeline import load_stages, resolve_device, segment
+from LiverTumorDARNLib.pipeline import resolve_device
 from LiverTumorDARNLib.refine import Refiner, widened_mm
 from LiverTumorDARNLib.refine_training import corrupted_map
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
@@ -123,17 +124,23 @@ def click_latency(refiner: Refiner, clicks: int) -> dict:
 
 def slicer_click_latency(scene, ct: sitk.Image, coarse: np.ndarray, refiner: Refiner, points: dict,
                          clicks: int, per_tumor: bool) -> dict:
-    """``median_seconds`` of ``scene.refine_click`` on a scene holding ``ct`` and ``coarse`` as segments,
-    the tumors in one segment or (``per_tumor``) one segment each."""
+    """``median_seconds`` of a click through the panel's click session (``tasks.ClickSession``: the
+    segments read into a label map, the click on the session's thread, the changed box written back
+    and the report measured) on a scene holding ``ct`` and ``coarse`` as segments, the tumors in one
+    segment or (``per_tumor``) one segment each."""
+    from LiverTumorDARNSceneLib.tasks import ClickSession
+
     scene.register_segmentation_converters()
     mrml = scene.slicer.vtkMRMLScene()
     volume = mrml.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     scene.set_volume_from_image(volume, ct)
     segmentation = mrml.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverTumorDARN")
     ijk_to_ras = scene.world_ijk_to_ras(volume)
+    session = ClickSession(lambda: refiner)
 
     def slicer_click(ijk):
-        scene.refine_click(volume, segmentation, refiner, (ijk_to_ras @ [*ijk, 1.0])[:3])
+        session.click(volume, segmentation, (ijk_to_ras @ [*ijk, 1.0])[:3])
+        session.wait()
 
     def reset():  # every click starts from the same segments, untimed
         scene.write_segments(segmentation, volume, coarse, per_tumor)
@@ -231,13 +238,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, device {device}")
-    stages, refiner = load_stages(bundled_models_dir(), device), Refiner.load(bundled_models_dir(), device)
+    segmenter, refiner = Segmenter(bundled_models_dir(), device), Refiner.load(bundled_models_dir(), device)
     rng = np.random.default_rng(0)
     rows, per_case = [], {"darn": [], "refined": []}
     for seed in range(BENCHMARK_SEED_START, BENCHMARK_SEED_START + args.cases):
         case = generate_case(seed)
         truth = sitk.GetArrayFromImage(case.labels)
-        darn_labels = sitk.GetArrayFromImage(segment(case.image, *stages, device).labels)
+        darn_labels = sitk.GetArrayFromImage(segmenter.segment(case.image).labels)
         rows += tumor_experiments(case, darn_labels, refiner, rng)
         per_case["darn"].append(case_scores(truth, darn_labels))
         per_case["refined"].append(case_scores(truth, refiner.refine_all(case.image, darn_labels).labels))

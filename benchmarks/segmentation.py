@@ -35,10 +35,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.io import read_ct, read_image, write_image, write_json
 from LiverTumorDARNLib.metrics import dice, evaluate_case, format_table, summarize
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
-from LiverTumorDARNLib.pipeline import (load_stages, normalize_hu, resample_ct, resolve_device, segment, sliding_window,
+from LiverTumorDARNLib.pipeline import (normalize_hu, resample_ct, resolve_device, sliding_window,
                                          window_starts, working_grid)
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 
@@ -52,21 +53,21 @@ PEER_MIRROR_AXES = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
 ACCURACY_TARGETS = {"liver_dice": 0.95, "dice_per_case": 0.80, "dice_global": 0.85, "real_liver_dice": 0.90}
 
 
-def phantom_accuracy(count: int, stages, device) -> dict:
+def phantom_accuracy(count: int, segmenter: Segmenter) -> dict:
     cases = []
     for seed in range(BENCHMARK_SEED_START, BENCHMARK_SEED_START + count):
         case = generate_case(seed)
-        result = segment(case.image, *stages, device)
+        result = segmenter.segment(case.image)
         cases.append(evaluate_case(sitk.GetArrayViewFromImage(case.labels),
                                    sitk.GetArrayViewFromImage(result.labels), case.image.GetSpacing(), f"seed-{seed}"))
         print(f"  seed {seed}: liver Dice {cases[-1].liver_dice:.3f}, tumor Dice {cases[-1].tumor_dice:.3f}", flush=True)
     return summarize(cases)
 
 
-def real_liver_dice(stages, device) -> float:
+def real_liver_dice(segmenter: Segmenter) -> float:
     ct = read_ct(REAL / "ct.nii.gz")
     truth = sitk.GetArrayFromImage(read_image(REAL / "liver.nii.gz")) > 0
-    predicted = sitk.GetArrayFromImage(segment(ct, *stages, device).labels) > 0
+    predicted = sitk.GetArrayFromImage(segmenter.segment(ct).labels) > 0
     return dice(truth, predicted)
 
 
@@ -148,12 +149,12 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {device}")
-    stages = load_stages(bundled_models_dir(), device)
+    segmenter = Segmenter(bundled_models_dir(), device)
     print(f"Phantoms (seeds {BENCHMARK_SEED_START}..{BENCHMARK_SEED_START + args.cases - 1}, never trained on):")
-    summary = phantom_accuracy(args.cases, stages, device)
+    summary = phantom_accuracy(args.cases, segmenter)
     print(format_table(summary))
     results = {"liver_dice": summary["liver_dice"], "dice_per_case": summary["dice_per_case"],
-               "dice_global": summary["dice_global"], "real_liver_dice": real_liver_dice(stages, device)}
+               "dice_global": summary["dice_global"], "real_liver_dice": real_liver_dice(segmenter)}
     print("\nTarget check:")
     for key, value in results.items():
         print(target_line(key, value, ACCURACY_TARGETS[key], at_least=True))

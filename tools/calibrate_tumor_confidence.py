@@ -4,9 +4,10 @@
     .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER --data HELD_OUT_LITS_DIR [--write]
 
 `segment` gives a tumor component back to the liver when its mean tumor probability is under the
-floor kept in the weights' manifest (``pipeline.drop_unconfident_tumors``). Each case runs through
-the pipeline once with no floor; every tumor component left after post-processing is recorded
-with its mean tumor probability, its size and its overlap with the truth. Dropping whole
+floor kept in the weights' manifest (``pipeline.drop_unconfident_tumors``). Each case is segmented
+once with no floor (``Segmenter`` with floor 0, which also returns its tumor probabilities); every
+tumor component of the result is recorded with its mean tumor probability, its size and its
+overlap with the truth. Dropping whole
 components changes the Dice by exactly those counts, so every candidate floor (0 to 0.95 in steps
 of 0.05) is scored without running the networks again. The floor with the best tumor Dice per case
 (the LiTS ranking measure; the lowest on a tie) is printed, and with --write stored in
@@ -24,14 +25,13 @@ from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.errors import InputError
-from LiverTumorDARNLib.io import read_ct, read_image, to_canonical, write_json
+from LiverTumorDARNLib.io import read_ct, read_image, write_json
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.phantom import generate_case
-from LiverTumorDARNLib.pipeline import (Stage, liver_box_probabilities, load_stages, locate_liver, postprocess,
-                                        tumor_confidences)
+from LiverTumorDARNLib.pipeline import tumor_confidences
 from LiverTumorDARNLib.training import find_lits_pairs
 from LiverTumorDARNLib.weights import MANIFEST_NAME, load_manifest
 from validation_seeds import parse_comparison_args  # tools/, the script's own folder
@@ -49,20 +49,12 @@ class CaseComponents:
     truth: int
 
 
-def case_components(image: sitk.Image, truth: sitk.Image, liver: Stage, tumor: Stage,
-                    device: torch.device) -> CaseComponents:
-    """The pipeline's tumor components of one case before any confidence floor."""
-    canonical = to_canonical(image)
-    true_tumor = sitk.GetArrayFromImage(to_canonical(truth)) == TUMOR
-    labels = np.zeros(true_tumor.shape, np.uint8)
-    tumor_probability = np.zeros(true_tumor.shape, np.float32)
-    box = locate_liver(canonical, liver, device, lambda fraction: None)
-    if box is not None:
-        probabilities, slices = liver_box_probabilities(canonical, box, tumor, device, lambda fraction: None)
-        labels[slices] = np.argmax(probabilities, axis=0)
-        tumor_probability[slices] = probabilities[TUMOR]
-        labels = postprocess(labels, canonical.GetSpacing())
-    components, confidence = tumor_confidences(labels, tumor_probability)
+def case_components(image: sitk.Image, truth: sitk.Image, segmenter: Segmenter) -> CaseComponents:
+    """The tumor components of one case segmented without a confidence floor."""
+    result = segmenter.segment(image, tumor_probability=True)
+    labels = sitk.GetArrayFromImage(result.labels)
+    true_tumor = sitk.GetArrayFromImage(truth) == TUMOR
+    components, confidence = tumor_confidences(labels, sitk.GetArrayFromImage(result.tumor_probability))
     voxels = np.bincount(components.ravel())
     inside = np.bincount(components[true_tumor], minlength=len(voxels))
     return CaseComponents(confidence[1:], voxels[1:], inside[1:], int(true_tumor.sum()))
@@ -127,13 +119,12 @@ def main() -> None:
 
 
 def run(args) -> None:
-    device = torch.device("cpu")
-    stages = {folder: load_stages(folder, device) for folder in args.folders}
+    segmenters = {folder: Segmenter(folder, "cpu", min_tumor_confidence=0.0) for folder in args.folders}
     cases = {folder: [] for folder in args.folders}
     for name, image, truth in validation_cases(args):
         line = name
-        for folder, (liver, tumor) in stages.items():
-            cases[folder].append(case_components(image, truth, liver, tumor, device))
+        for folder, segmenter in segmenters.items():
+            cases[folder].append(case_components(image, truth, segmenter))
             found = cases[folder][-1]
             line += f" | {folder.name}: {len(found.voxels)} components, {int((found.true_voxels > 0).sum())} on a tumor"
         print(line, flush=True)

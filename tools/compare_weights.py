@@ -12,24 +12,22 @@ training nor the benchmark (900000 upwards) draws from.
 from __future__ import annotations
 
 import SimpleITK as sitk
-import torch
 
+from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.metrics import evaluate_case, summarize
 from LiverTumorDARNLib.phantom import generate_case
-from LiverTumorDARNLib.pipeline import load_stages, segment
 from validation_seeds import parse_comparison_args  # tools/, the script's own folder
 
 
 def main() -> None:
     args = parse_comparison_args(__doc__.splitlines()[0], cases=12, first_offset=10)
-    device = torch.device("cpu")
-    stages = {folder: load_stages(folder, device) for folder in args.folders}
+    segmenters = {folder: Segmenter(folder, "cpu") for folder in args.folders}
     cases = {folder: [] for folder in args.folders}
     for seed in range(args.first, args.first + args.cases):
         case = generate_case(seed)
         line = f"seed {seed} ({len(case.tumors)} tumors)"
         for folder in args.folders:
-            labels = sitk.GetArrayFromImage(segment(case.image, *stages[folder], device).labels)
+            labels = sitk.GetArrayFromImage(segmenters[folder].segment(case.image).labels)
             cases[folder].append(evaluate_case(sitk.GetArrayViewFromImage(case.labels), labels,
                                                case.image.GetSpacing(), f"seed-{seed}"))
             line += f" | {folder.name} {cases[folder][-1].tumor_dice:.3f}"

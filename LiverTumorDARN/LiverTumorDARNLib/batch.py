@@ -38,8 +38,7 @@ import torch
 from .errors import InputError
 from .io import image_stem, is_image_path, read_ct, read_image, write_json, write_text
 from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
-from .pipeline import Segmentation, load_stages, segment
-from .report import CaseReport, measure, write_report
+from .segmenter import Segmenter
 
 SUMMARY_NAME = "summary.csv"
 RECORD_SUFFIX = "_report.json"
@@ -79,6 +78,7 @@ class Job:
     overwrite: bool = False
     progress: Callable[[str, float], None] = lambda stage, fraction: None
     min_tumor_confidence: float | None = None  # None: the floor calibrated for the weights
+    on_message: Callable[[str], None] | None = None  # what the person running it should know (a GPU fallback)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -106,28 +106,6 @@ def is_single_case(inputs: list[Path], output: Path) -> bool:
 # --------------------------------------------------------------------------- one case
 
 
-def segment_one(source: Path, target: Path, job: Job, report_path: Path | None = None) -> tuple[Segmentation, CaseReport]:
-    """Segment one CT into ``target``; outputs are checked before the (long) work starts."""
-    fmt = output_format(target, job.fmt)
-    check_source_fits(fmt, source, target, job.series_uid)
-    for path in (target, report_path):
-        if path is not None and path.exists() and not job.overwrite:
-            raise InputError(f"{path} exists; pass --overwrite to replace it")
-    stages = load_stages(job.models_dir, job.device, job.min_tumor_confidence)
-    result, report = _segment_and_write(source, target, fmt, stages, job)
-    if report_path is not None:
-        write_report(report, report_path, job.overwrite)
-    return result, report
-
-
-def _segment_and_write(source: Path, target: Path, fmt: str, stages, job: Job) -> tuple[Segmentation, CaseReport]:
-    """The work of one case, shared by single runs and batches: read, segment, write, measure."""
-    ct = read_ct(source, job.series_uid)
-    result = segment(ct, *stages, job.device, job.progress)
-    write_segmentation(result.labels, target, fmt, source, job.series_uid, job.overwrite)
-    return result, measure(ct, result.labels)
-
-
 def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, int, int]],
                negatives: list[tuple[int, int, int]], job: Job) -> list[str]:
     """Correct the label map ``mask`` of the CT ``source`` with clicks (voxel i, j, k) and write it
@@ -138,7 +116,7 @@ def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, i
     fmt = output_format(target, job.fmt)
     check_source_fits(fmt, source, target, job.series_uid)
     if target.exists() and not job.overwrite:
-        raise InputError(f"{target} exists; pass --overwrite to replace it")
+        raise InputError(f"{target} exists; allow overwriting to replace it", option="overwrite")
     ct = read_ct(source, job.series_uid)
     labels = sitk.GetArrayFromImage(_matching_labels(read_image(mask), ct, mask))
     refiner = Refiner.load(job.models_dir, job.device)
@@ -176,7 +154,8 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
                   on_case: Callable[[CaseRecord], None] = lambda record: None) -> list[CaseRecord]:
     """Segment every input into ``out_dir``; returns this run's records (this rank's cases)."""
     if job.series_uid is not None:
-        raise InputError("--series-uid picks a series of one DICOM folder; give one input and an output file")
+        raise InputError("a series UID picks a series of one DICOM folder; give one input and an output file",
+                         option="series_uid")
     cases = _cases(expand_inputs(inputs), out_dir, job.fmt or "nifti")
     for _, source, target in cases:
         check_source_fits(job.fmt or "nifti", source, target)
@@ -184,11 +163,11 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
     if not job.overwrite:
         _refuse_foreign_outputs(cases, out_dir)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    stages = load_stages(job.models_dir, job.device, job.min_tumor_confidence)
+    segmenter = Segmenter(job.models_dir, job.device, job.min_tumor_confidence, job.on_message)
     records = []
     try:
         for name, source, target in cases[rank::world_size]:
-            records.append(_run_case(name, source, target, out_dir, stages, job))
+            records.append(_run_case(name, source, target, out_dir, segmenter, job))
             write_summary(out_dir)
             on_case(records[-1])
         _wait_for_the_other_ranks(world_size)
@@ -224,7 +203,8 @@ def _refuse_foreign_outputs(cases, out_dir: Path) -> None:
     """An output without a record of ours was made by someone else: never replace it unasked."""
     for name, _, target in cases:
         if target.exists() and read_record(out_dir / f"{name}{RECORD_SUFFIX}") is None:
-            raise InputError(f"{target} exists and no earlier run of this tool wrote it; pass --overwrite to replace it")
+            raise InputError(f"{target} exists and no earlier run of this tool wrote it; allow overwriting to replace it",
+                             option="overwrite")
 
 
 def _check_writable_folder(out_dir: Path) -> None:
@@ -239,7 +219,7 @@ def _check_writable_folder(out_dir: Path) -> None:
         raise InputError(f"{out_dir}: output folder is not writable")
 
 
-def _run_case(name: str, source: Path, target: Path, out_dir: Path, stages, job: Job) -> CaseRecord:
+def _run_case(name: str, source: Path, target: Path, out_dir: Path, segmenter: Segmenter, job: Job) -> CaseRecord:
     record_path = out_dir / f"{name}{RECORD_SUFFIX}"
     earlier = read_record(record_path)
     if earlier is not None and earlier.status in FINISHED and target.exists() and not job.overwrite:
@@ -248,8 +228,7 @@ def _run_case(name: str, source: Path, target: Path, out_dir: Path, stages, job:
     started = time.perf_counter()
     try:
         # the target is ours to replace here: no record, no target, or a record of ours
-        result, report = _segment_and_write(source, target, job.fmt or "nifti", stages,
-                                            dataclasses.replace(job, overwrite=True))
+        result, report = segmenter.segment_file(source, target, job.fmt or "nifti", overwrite=True, progress=job.progress)
         status, message = (DONE, "") if result.liver_found else (NO_LIVER, "no liver found; the label map is empty")
         record = dataclasses.replace(record, status=status, message=message, report=report.as_dict())
     except InputError as error:

@@ -48,19 +48,22 @@ def _picture(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .batch import FAILED, SUMMARY_NAME, Job, is_single_case, segment_batch, segment_one
+    from .batch import FAILED, SUMMARY_NAME, Job, is_single_case, segment_batch
     from .pipeline import resolve_device
     from .report import format_report
+    from .segmenter import Segmenter
 
-    job = Job(args.models, resolve_device(args.device), args.format, args.series_uid, args.overwrite,
-              _stage_progress(), args.min_tumor_confidence)
     if is_single_case(args.inputs, args.output):
-        result, report = segment_one(args.inputs[0], args.output, job, args.report)
+        segmenter = Segmenter(args.models, args.device, args.min_tumor_confidence, on_message=_say)
+        result, report = segmenter.segment_file(args.inputs[0], args.output, args.format, args.series_uid,
+                                                args.overwrite, args.report, _stage_progress())
         print(format_report(report) if result.liver_found else f"{args.inputs[0]}: no liver found; the label map is empty")
         print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
         return 0
     if args.report is not None:
         raise InputError("--report names one case's report; a batch writes CASE_report.json and summary.csv into the output folder")
+    job = Job(args.models, resolve_device(args.device), args.format, args.series_uid, args.overwrite,
+              _stage_progress(), args.min_tumor_confidence, _say)
 
     def show(record) -> None:
         print(f"[{record.status}] {record.case}: {record.message or record.output}")
@@ -83,6 +86,11 @@ def _refine(args: argparse.Namespace) -> int:
         print(message)
     print(f"wrote {args.output}")
     return 0
+
+
+def _say(message: str) -> None:
+    """What the core tells the person running the command (a GPU fallback), on stderr."""
+    print(f"{PROGRAM}: {message}", file=sys.stderr)
 
 
 def _voxel(text: str) -> tuple[int, int, int]:
@@ -329,12 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_hint(error: InputError) -> str:
+    """The flag that sets what the error names as its ``option`` (the core's messages name none)."""
+    return f" (--{error.option.replace('_', '-')})" if error.option else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except InputError as error:
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        print(f"{PROGRAM}: error: {error}{_flag_hint(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; finished files are complete, nothing half-written is left",

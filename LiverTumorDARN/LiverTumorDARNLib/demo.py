@@ -16,8 +16,8 @@ from .io import to_canonical, write_image
 from .metrics import evaluate_case
 from .phantom import SAMPLE_SEED, generate_case
 from .picture import axial_overlay, best_axial_slice, montage, save_png
-from .pipeline import load_stages, segment
 from .report import CaseReport, measure
+from .segmenter import Segmenter
 
 OUTPUT_NAMES = ("ct.nii.gz", "truth.nii.gz", "segmentation.nii.gz", "truth-vs-segmentation.png")
 
@@ -27,12 +27,12 @@ def run_demo(out_dir: Path, device: torch.device, models_dir: Path, overwrite: b
     """Draw the sample case, segment it, write CT, truth, result and a picture; report and score."""
     targets = [Path(out_dir) / name for name in OUTPUT_NAMES]
     if not overwrite and any(path.exists() for path in targets):
-        raise InputError(f"{out_dir} already holds demo output; pass --overwrite to replace it")
-    liver, tumor = load_stages(models_dir, device)  # first: no weights, no point drawing a case
+        raise InputError(f"{out_dir} already holds demo output; allow overwriting to replace it", option="overwrite")
+    segmenter = Segmenter(models_dir, device, on_message=say)  # first: no weights, no point drawing a case
     say(f"Drawing the sample phantom (seed {SAMPLE_SEED}) ...")
     case = generate_case(SAMPLE_SEED)
     say(f"Segmenting a {'x'.join(map(str, case.image.GetSize()))} CT on {device} ...")
-    result = segment(case.image, liver, tumor, device)
+    result = segmenter.segment(case.image, name="the sample phantom")
     for image, path in zip((case.image, case.labels, result.labels), targets):
         write_image(image, path, overwrite=overwrite)
     slice_index = best_axial_slice(sitk.GetArrayFromImage(to_canonical(case.labels)))  # a copy: the view would outlive its image

@@ -92,7 +92,8 @@ def choose_series(folder: Path, series: list[Series], uid: str | None = None) ->
         return named[0]
     candidates = [s for s in series if s.modality in ("CT", "") and not s.is_localizer and s.is_axial]
     if not candidates:
-        raise InputError(f"{folder}: no axial CT series among {_listing(series)}; choose one with --series-uid")
+        raise InputError(f"{folder}: no axial CT series among {_listing(series)}; choose one by its series UID",
+                         option="series_uid")
     return min(candidates, key=lambda s: (-len(s.files), s.uid))
 
 

@@ -28,7 +28,7 @@ SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
 def output_format(path: Path, requested: str | None = None) -> str:
-    """The format to write ``path`` in: ``requested`` (``--format``) or the one its suffix names."""
+    """The format to write ``path`` in: ``requested``, else the one its suffix names."""
     if requested is not None:
         return requested
     name = path.name.lower()
@@ -36,7 +36,7 @@ def output_format(path: Path, requested: str | None = None) -> str:
     found += ["nifti"] if name.endswith(".nii") else []
     if not found:
         raise InputError(f"{path}: cannot tell the output format from the name; end it in one of "
-                         f"{', '.join(sorted(set(FORMATS.values()) | set(WRITE_SUFFIXES)))} or pass --format")
+                         f"{', '.join(sorted(set(FORMATS.values()) | set(WRITE_SUFFIXES)))} or name the format", option="format")
     return max(found, key=lambda fmt: len(FORMATS[fmt]))  # .seg.nrrd before .nrrd
 
 

@@ -229,7 +229,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+        raise InputError("the CUDA device was asked for, but PyTorch sees no CUDA GPU here; use the CPU", option="device")
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
@@ -258,14 +258,6 @@ def locate_liver(canonical: sitk.Image, liver: Stage, device, progress) -> tuple
     if not mask.any():
         return None
     return physical_box(mask, prepared.grid, LIVER_BOX_MARGIN_MM + STAGE1_EXTRA_MARGIN_MM)
-
-
-def segment_liver_box(canonical: sitk.Image, box, tumor: Stage, device, progress) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Stage 2: labels on the original canonical voxels inside the box, and where they go."""
-    probabilities, slices = liver_box_probabilities(canonical, box, tumor, device, progress)
-    labels = np.argmax(probabilities, axis=0).astype(np.uint8)
-    drop_unconfident_tumors(labels, probabilities[TUMOR], tumor.min_tumor_confidence)
-    return labels, slices
 
 
 def liver_box_probabilities(canonical: sitk.Image, box, tumor: Stage, device,
@@ -354,21 +346,31 @@ def check_memory(size_xyz) -> None:
 class Segmentation:
     labels: sitk.Image  # on the input's grid: 0 background, 1 liver, 2 tumor
     liver_found: bool
+    tumor_probability: sitk.Image | None = None
+    """Only when asked for: the tumor stage's tumor probability on the input's grid (0 outside the
+    liver box), what each tumor's confidence is the mean of (``tools/calibrate_tumor_confidence.py``)."""
 
 
 def segment(image: sitk.Image, liver: Stage, tumor: Stage, device: torch.device,
-            progress: Callable[[str, float], None] = lambda stage, fraction: None) -> Segmentation:
+            progress: Callable[[str, float], None] = lambda stage, fraction: None,
+            keep_tumor_probability: bool = False) -> Segmentation:
     """Segment liver and tumors of a CT in HU; the label map comes back on the input's grid."""
     check_memory(image.GetSize())
     canonical = to_canonical(image)
     labels = np.zeros(sitk.GetArrayViewFromImage(canonical).shape, np.uint8)
+    tumor_probability = np.zeros(labels.shape, np.float32) if keep_tumor_probability else None
     box = locate_liver(canonical, liver, device, lambda f: progress("liver", f))
     if box is not None:
-        crop_labels, slices = segment_liver_box(canonical, box, tumor, device, lambda f: progress("tumor", f))
-        labels[slices] = crop_labels
+        probabilities, slices = liver_box_probabilities(canonical, box, tumor, device, lambda f: progress("tumor", f))
+        box_labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+        drop_unconfident_tumors(box_labels, probabilities[TUMOR], tumor.min_tumor_confidence)
+        labels[slices] = box_labels
+        if tumor_probability is not None:
+            tumor_probability[slices] = probabilities[TUMOR]
         labels = postprocess(labels, canonical.GetSpacing())
     progress("done", 1.0)
-    return Segmentation(array_to_reference(labels, image), bool(labels.any()))
+    return Segmentation(array_to_reference(labels, image), bool(labels.any()),
+                        None if tumor_probability is None else array_to_reference(tumor_probability, image))
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def load_stages(models_dir: Path, device: torch.device,
         floor = (entry.get("postprocessing") or {}).get("min_tumor_confidence", 0.0)
         stages.append(Stage(module, spec, _checked_floor(
             floor, f"{Path(models_dir) / 'manifest.json'}: the {name} model's min_tumor_confidence",
-            "; re-run tools/calibrate_tumor_confidence.py --write")))
+            "; calibrate the weights again (tools/calibrate_tumor_confidence.py)")))
     if min_tumor_confidence is not None:
         stages[1].min_tumor_confidence = _checked_floor(min_tumor_confidence, "min_tumor_confidence")
     return stages[0], stages[1]

@@ -223,10 +223,14 @@ class Refiner:
         self.mask_prior = float(torch.as_tensor(model.mask_prior).detach())
 
     @classmethod
-    def load(cls, models_dir, device: torch.device) -> Refiner:
-        from .weights import load_model
+    def load(cls, models_dir=None, device: str | torch.device = "auto") -> Refiner:
+        """The refinement network of a weights folder (default: the bundled weights) on ``device``
+        ("auto", "cpu", "cuda" or a torch.device)."""
+        from .pipeline import resolve_device
+        from .weights import bundled_models_dir, load_model
 
-        module, _ = load_model(models_dir, "refine", str(device))
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        module, _ = load_model(models_dir if models_dir is not None else bundled_models_dir(), "refine", str(device))
         return cls(module, device)
 
     def correction(self, inputs: np.ndarray) -> np.ndarray:

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .io import write_json
 
-if TYPE_CHECKING:  # torch is imported where it is used: finding the models folder stays cheap
+if TYPE_CHECKING:  # torch and SimpleITK (io) are imported where they are used: the Slicer module reads this at start-up
     import torch
 
 MANIFEST_NAME = "manifest.json"
@@ -156,6 +155,7 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     uses them). Other entries of the manifest are kept; both files are written atomically.
     Returns the weights file's path.
     """
+    from .io import write_json
     from .models import build_model
 
     models_dir = Path(models_dir)
@@ -166,7 +166,7 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     is_darn = payload["model_config"].get("architecture", "darn") == "darn"
     target = models_dir / (f"darn-{name}.pt" if is_darn else f"{name}.pt")
     if target.exists() and not overwrite:
-        raise InputError(f"{target} exists; pass --overwrite to replace it")
+        raise InputError(f"{target} exists; allow overwriting to replace it", option="overwrite")
     architecture = {**payload["model_config"], "deep_supervision": False} if is_darn else dict(payload["model_config"])
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()

@@ -18,18 +18,22 @@ has its own segment, "Liver tumor 1", "Liver tumor 2", ... numbered largest firs
 table numbers them when they are written, each tagged with its number (:data:`TUMOR_NUMBER_TAG`). Edits follow what the node holds:
 a refined tumor stays in the segment that held it, a new lesion gets the next number, and a removed
 tumor leaves its segment empty rather than deleting it, so segment names, colours and the user's
-own edits keep pointing at the same lesion, and the Segment Editor's Undo restores it in place.
+own edits keep pointing at the same lesion, and an undo restores it in place.
+
+Slicer versions. The module runs in Slicer 5.8 (Python 3.9) and newer; where an API differs
+between versions, the function that uses it names the versions. The package that first use
+installs (connected-components-3d) is imported inside the functions that need it, so that the
+panel can import this module before it has asked to install it.
 """
 
 from __future__ import annotations
 
 import colorsys
+from typing import TYPE_CHECKING
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
 import vtk
-from scipy import ndimage
 from vtk.util import numpy_support
 
 import slicer
@@ -37,7 +41,9 @@ import slicer.util
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.labels import LIVER, SEGMENTS, TUMOR, Code, Segment
 from LiverTumorDARNLib.outputs import SLICER_ANATOMIC_CONTEXT, SLICER_TERMINOLOGY_CONTEXT
-from LiverTumorDARNLib.report import CaseReport
+
+if TYPE_CHECKING:
+    from LiverTumorDARNLib.report import CaseReport
 
 ROLE_TAG = "LiverTumorDARN.Role"
 """Segment tag naming what a segment of this module holds ("liver" or "tumor")."""
@@ -202,7 +208,7 @@ def terminology_entry(segment: Segment) -> str:
     serializer (context~category~type~type modifier~anatomic context~region~region modifier)."""
     entry = slicer.vtkSlicerTerminologyEntry()
     entry.SetTerminologyContextName(SLICER_TERMINOLOGY_CONTEXT)
-    # Slicer 5.8 renamed "anatomic" to "region"; older releases have only the old names.
+    # Slicer 5.10 renamed "anatomic" to "region" (the old names stay, deprecated); 5.8 has only the old ones.
     renamed = hasattr(entry, "SetRegionContextName")
     (entry.SetRegionContextName if renamed else entry.SetAnatomicContextName)(SLICER_ANATOMIC_CONTEXT)
     _set_code(entry.GetCategoryObject(), segment.category)
@@ -210,6 +216,18 @@ def terminology_entry(segment: Segment) -> str:
     if segment.anatomic_region is not None:
         _set_code(entry.GetRegionObject() if renamed else entry.GetAnatomicRegionObject(), segment.anatomic_region)
     return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(entry)
+
+
+def set_terminology(segment, entry: str) -> None:
+    """Give a segment its terminology entry (a :func:`terminology_entry` string).
+
+    Slicer 5.10 added ``vtkSegment.SetTerminology``; 5.8 keeps the entry in the segment's
+    ``TerminologyEntry`` tag, which the newer releases still read.
+    """
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
 
 
 def _set_code(item, code: Code) -> None:
@@ -326,6 +344,9 @@ def write_segments(segmentation_node, volume_node, labels: np.ndarray, per_tumor
 def tumors_by_size(labels: np.ndarray) -> list[tuple[np.ndarray, tuple[slice, slice, slice]]]:
     """Each 26-connected tumor of ``labels`` (as the report counts them), largest first: its mask on
     its bounding box, and that box."""
+    import cc3d
+    from scipy import ndimage
+
     components = cc3d.connected_components(labels == TUMOR, connectivity=26)
     boxes = ndimage.find_objects(components)
     sizes = np.bincount(components.ravel())[1:]
@@ -344,7 +365,7 @@ def _add_segment(segmentation_node, spec: Segment, number: int | None = None) ->
     segment.SetTag(ROLE_TAG, ROLES[spec.label])
     if number is not None:
         segment.SetTag(TUMOR_NUMBER_TAG, str(number))
-    segment.SetTerminology(terminology_entry(spec))
+    set_terminology(segment, terminology_entry(spec))
     segmentation.SeparateSegmentLabelmap(segment_id)  # its own layer: see _replace_inside_box
     return segment_id
 
@@ -436,6 +457,8 @@ def tumor_owners(tumor: np.ndarray, owners_before: np.ndarray, owner_count: int)
     join the larger. A tumor no segment held is a new lesion: it gets a new segment, numbered on
     from ``owner_count``.
     """
+    import cc3d
+
     components = cc3d.connected_components(tumor, connectivity=26).astype(np.int64)
     before = owners_before.astype(np.int64)
     count, columns = int(components.max()), owner_count + 1
@@ -450,25 +473,7 @@ def tumor_owners(tumor: np.ndarray, owners_before: np.ndarray, owner_count: int)
 
 
 # --------------------------------------------------------------------------------------------
-# The jobs: segment, click, refine all
-
-
-def segment_volume(volume_node, segmentation_node, liver, tumor, device,
-                   progress=lambda stage, fraction: None, per_tumor: bool = False) -> CaseReport:
-    """Segment the CT of ``volume_node`` in this process and write the segments; returns the report.
-
-    (The panel runs the network in a subprocess instead, see ``worker``, and calls
-    :func:`write_segments` and :func:`measure_segments` with its result.)
-    """
-    from LiverTumorDARNLib.io import check_ct
-    from LiverTumorDARNLib.pipeline import segment
-
-    ct = image_from_volume(volume_node)
-    check_ct(ct, volume_node.GetName())
-    result = segment(ct, liver, tumor, device, progress)
-    labels = sitk.GetArrayFromImage(result.labels)
-    write_segments(segmentation_node, volume_node, labels, per_tumor)
-    return measure(ct, labels)
+# Results
 
 
 def measure(ct: sitk.Image, labels: np.ndarray) -> CaseReport:
@@ -483,28 +488,6 @@ def measure(ct: sitk.Image, labels: np.ndarray) -> CaseReport:
 def measure_segments(segmentation_node, volume_node) -> CaseReport:
     """The report of the module's segments as they are now (after any refinement or edit)."""
     return measure(image_from_volume(volume_node), labels_from_segments(segmentation_node, volume_node))
-
-
-def refine_click(volume_node, segmentation_node, refiner, point_ras, positive: bool = True):
-    """One click at a world RAS point: the refiner edits the label map and only the changed box
-    of the segments is rewritten. Returns the core's ``Change`` (its message is for the user)."""
-    ct = image_from_volume(volume_node)
-    change = refiner.click(ct, labels_from_segments(segmentation_node, volume_node),
-                           ras_to_ijk(volume_node, point_ras), positive)
-    apply_change(segmentation_node, volume_node, change.labels, change.box)
-    return change
-
-
-def refine_all(volume_node, segmentation_node, refiner):
-    """Every tumor of the module's segments refined; only the changed box is rewritten."""
-    ct = image_from_volume(volume_node)
-    change = refiner.refine_all(ct, labels_from_segments(segmentation_node, volume_node))
-    apply_change(segmentation_node, volume_node, change.labels, change.box)
-    return change
-
-
-# --------------------------------------------------------------------------------------------
-# Results
 
 
 def write_results_table(table_node, report: CaseReport) -> None:
@@ -526,6 +509,25 @@ def write_results_table(table_node, report: CaseReport) -> None:
     table_node.SetAttribute("LiverTumorDARN.TumorVolumeMl", str(report.tumor_volume_ml))
     table_node.SetAttribute("LiverTumorDARN.TumorBurdenPercent", str(report.tumor_burden_percent))
     table_node.Modified()
+
+
+CENTROID_COLUMNS = ("Centroid R (mm)", "Centroid A (mm)", "Centroid S (mm)")
+
+
+def tumor_centroid_in_view_row(table_node, view_row: int) -> tuple[float, float, float] | None:
+    """The world RAS centroid of the tumor that a table view of ``table_node`` shows in ``view_row``;
+    None for the row of column titles, or a row past the last.
+
+    A table view shows the column titles as its first row unless the node uses them as the column
+    header, so view row n is table row n - 1 (as ``qMRMLTableModel::mrmlTableRowIndex`` maps it).
+    Newer Slicer calls the switch ``UseColumnTitleAsColumnHeader``, older ``UseColumnNameAsColumnHeader``.
+    """
+    titles_as_header = getattr(table_node, "GetUseColumnTitleAsColumnHeader", None) or table_node.GetUseColumnNameAsColumnHeader
+    row = view_row if titles_as_header() else view_row - 1
+    if not 0 <= row < table_node.GetNumberOfRows():
+        return None
+    titles = [name for name, _kind in RESULT_COLUMNS]
+    return tuple(float(table_node.GetCellText(row, titles.index(name))) for name in CENTROID_COLUMNS)
 
 
 def summary(report: CaseReport) -> str:
