@@ -199,3 +199,31 @@ def test_amp_is_declined_with_a_warning_on_a_cpu_without_native_bfloat16(monkeyp
     with pytest.warns(UserWarning, match="no native bfloat16"):
         assert resolve_amp(True, torch.device("cpu")) is False
     assert resolve_amp(None, torch.device("cpu")) is False
+
+
+def test_training_on_label_maps_validates_on_a_held_out_map(tmp_path):
+    from test_anatomy import made_up_abdomen, write_map
+
+    for k in range(10):  # one of each ten maps of a data set is held out
+        write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
+    train(tiny_config(tmp_path / "out", anatomy=tmp_path / "maps", phantom_small=False, pool_size=1,
+                      iterations=1, val_every=1, patch_size=(16, 16, 16)))
+    checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == {"liver", "mean"}
+
+
+def test_a_run_can_start_from_exported_weights_of_the_same_network(tmp_path, models_dir):
+    from LiverTumorDARNLib.weights import load_model
+
+    from conftest import TINY
+
+    same_network = {key: value for key, value in TINY.items() if key != "in_channels"}
+    train(tiny_config(tmp_path, model=same_network, init_from=models_dir, learning_rate=0.0, weight_decay=0.0))
+    trained = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    exported = load_model(models_dir, "liver")[0].state_dict()
+    assert all(torch.equal(trained[key], value) for key, value in exported.items())  # a zero step kept them
+
+
+def test_starting_from_weights_of_another_network_is_refused(tmp_path, models_dir):
+    with pytest.raises(InputError, match="its liver network is"):
+        train(tiny_config(tmp_path, init_from=models_dir))

@@ -25,10 +25,10 @@ import cc3d
 import numpy as np
 import SimpleITK as sitk
 
+from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.io import read_ct, read_image, write_json
 from LiverTumorDARNLib.metrics import dice, evaluate_case
 from LiverTumorDARNLib.picture import axial_overlay, best_axial_slice, montage, resize, save_png
-from LiverTumorDARNLib.pipeline import load_stages, resolve_device, segment
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "realct"
@@ -60,11 +60,11 @@ def tumors_outside_liver(truth_liver: np.ndarray, predicted_tumor: np.ndarray) -
     return int(sum(1 for k in range(1, len(sizes)) if inside[k] * 2 < sizes[k]))
 
 
-def score(name: str, ct_path: Path, label_path: Path, stages, device, pictures: Path | None) -> dict:
+def score(name: str, ct_path: Path, label_path: Path, segmenter: Segmenter, pictures: Path | None) -> dict:
     ct = read_ct(ct_path)
     truth_image = read_image(label_path)
     start = time.perf_counter()
-    result = segment(ct, *stages, device)
+    result = segmenter.segment(ct, name=name)
     seconds = time.perf_counter() - start
     truth = sitk.GetArrayFromImage(truth_image)
     predicted = sitk.GetArrayFromImage(result.labels)
@@ -101,12 +101,12 @@ def main() -> None:
                         help="folder for one truth-beside-result picture per scan (default output/real-ct)")
     parser.add_argument("--record", action="store_true", help="write the results into the weights' manifest.json")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    segmenter = Segmenter(args.models, device=args.device)
+    device = segmenter.device
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {device}; weights {args.models}")
-    stages = load_stages(args.models, device)
     rows = []
     for name, ct_path, label_path in labelled_scans(REAL_CT):
-        rows.append(score(name, ct_path, label_path, stages, device, args.pictures))
+        rows.append(score(name, ct_path, label_path, segmenter, args.pictures))
         row = rows[-1]
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in row.items() if k != "scan"), flush=True)
