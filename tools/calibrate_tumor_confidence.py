@@ -1,6 +1,6 @@
 """Choose a weights folder's tumor confidence floor on validation cases, never on the benchmark's.
 
-    .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER [--cases 48] [--first 800010] [--write]
+    .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER [--cases 48] [--first 800010] [--anatomy MAPS] [--write]
     .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER --data HELD_OUT_LITS_DIR [--write]
 
 `segment` gives a tumor component back to the liver when its mean tumor probability is under the
@@ -12,8 +12,8 @@ components changes the Dice by exactly those counts, so every candidate floor (0
 of 0.05) is scored without running the networks again. The floor with the best tumor Dice per case
 (the LiTS ranking measure; the lowest on a tie) is printed, and with --write stored in
 FOLDER/manifest.json. The cases are validation phantoms (seeds 800000-899999, which neither
-training nor the benchmark draws from) or, with --data, a LiTS-layout folder of cases the weights
-were not trained on.
+training nor the benchmark draws from), CT drawn on the label maps training holds out (--anatomy)
+or, with --data, a LiTS-layout folder of cases the weights were not trained on.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import read_ct, read_image, write_json
 from LiverTumorDARNLib.labels import TUMOR
-from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.pipeline import tumor_confidences
 from LiverTumorDARNLib.training import find_lits_pairs
 from LiverTumorDARNLib.weights import MANIFEST_NAME, load_manifest
-from validation_seeds import parse_comparison_args  # tools/, the script's own folder
+from validation_seeds import describe_cases, parse_comparison_args, validation_cases  # tools/, the script's own folder
 
 FLOORS = np.round(np.arange(0.0, 0.951, 0.05), 2)
 
@@ -72,20 +71,16 @@ def scores(cases: list[CaseComponents], floor: float) -> tuple[float, float, int
     return float(np.mean(per_case)), 2 * overlap / max(predicted + true, 1), kept, false
 
 
-def validation_cases(args) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
+def calibration_cases(args) -> Iterator[tuple[str, sitk.Image, sitk.Image]]:
     if args.data:
         for volume, segmentation in find_lits_pairs(args.data):
             yield volume.name, read_ct(volume), read_image(segmentation)
     else:
-        for seed in range(args.first, args.first + args.cases):
-            case = generate_case(seed)
-            yield f"seed {seed}", case.image, case.labels
+        yield from validation_cases(args)
 
 
-def describe_cases(args) -> str:
-    if args.data:
-        return f"LiTS-layout folder {args.data.name}"
-    return f"validation phantoms, seeds {args.first}-{args.first + args.cases - 1}"
+def calibration_source(args) -> str:
+    return f"LiTS-layout folder {args.data.name}" if args.data else describe_cases(args)
 
 
 def calibrate(folder: Path, cases: list[CaseComponents], source: str, write: bool) -> None:
@@ -121,7 +116,7 @@ def main() -> None:
 def run(args) -> None:
     segmenters = {folder: Segmenter(folder, "cpu", min_tumor_confidence=0.0) for folder in args.folders}
     cases = {folder: [] for folder in args.folders}
-    for name, image, truth in validation_cases(args):
+    for name, image, truth in calibration_cases(args):
         line = name
         for folder, segmenter in segmenters.items():
             cases[folder].append(case_components(image, truth, segmenter))
@@ -129,7 +124,7 @@ def run(args) -> None:
             line += f" | {folder.name}: {len(found.voxels)} components, {int((found.true_voxels > 0).sum())} on a tumor"
         print(line, flush=True)
     for folder in args.folders:
-        calibrate(folder, cases[folder], describe_cases(args), args.write)
+        calibrate(folder, cases[folder], calibration_source(args), args.write)
 
 
 if __name__ == "__main__":
