@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from adversity import release_readers
 from LiverTumorDARNLib import io
 from LiverTumorDARNLib.errors import InputError
 
@@ -284,6 +286,69 @@ def test_read_ct_rejects_mr_file_naming_the_path(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 36, 40), 300, np.int16)), str(path))
     error = assert_one_line_input_error(io.read_ct, path, match="Hounsfield")
     assert str(path) in str(error)
+
+
+def nifti_with_pixdim(tmp_path: Path, axis: int, value: float) -> Path:
+    """An uncompressed NIfTI whose header gives ``value`` as the voxel size along ``axis`` (1-3)."""
+    path = tmp_path / "ct.nii"
+    io.write_image(ct_like(), path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<f", data, 76 + 4 * axis, value)  # pixdim[axis] of a little-endian NIfTI-1 header
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, -2.5])
+def test_a_nifti_voxel_size_of_zero_or_below_is_refused_not_read_as_1_mm(tmp_path, value):
+    path = nifti_with_pixdim(tmp_path, 3, value)
+    assert_one_line_input_error(io.read_image, path, match="voxel size of 0.75 x 0.875 x")
+
+
+def test_nan_voxels_of_a_nifti_file_are_refused_though_itk_reads_them_as_0(tmp_path):
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    assert_one_line_input_error(io.read_ct, path, match="1 voxel\\(s\\) are NaN")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_a_volume_of_nan_only_is_called_empty_not_an_mr(tmp_path, suffix):
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 36, 40), np.nan, np.float32)), str(path))
+    assert_one_line_input_error(io.read_ct, path, match="every voxel is NaN or infinite: the file holds no image")
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_told_to_be_renamed(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    io.write_image(ct_like(), tmp_path / "ct.nii")
+    (tmp_path / "ct.nii").rename(path)
+    assert_one_line_input_error(io.read_image, path, match="uncompressed NIfTI .* rename it to .nii")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_named_like_a_volume_is_refused_without_being_opened(tmp_path):
+    pipe = tmp_path / "ct.nii.gz"
+    os.mkfifo(pipe)
+    stop = release_readers(pipe)
+    try:
+        assert_one_line_input_error(io.read_image, pipe, match="not a regular file")
+    finally:
+        stop.set()
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_device_named_like_a_volume_is_refused(tmp_path):
+    (tmp_path / "ct.nii").symlink_to("/dev/zero")
+    assert_one_line_input_error(io.read_image, tmp_path / "ct.nii", match="not a regular file")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_a_file_the_user_may_not_read_says_so(tmp_path):
+    path = tmp_path / "ct.nrrd"
+    io.write_image(ct_like(), path)
+    path.chmod(0)
+    assert_one_line_input_error(io.read_image, path, match="Permission denied")
 
 
 # --------------------------------------------------------------------------- atomic writing

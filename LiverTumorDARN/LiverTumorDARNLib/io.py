@@ -17,12 +17,14 @@ project relies on:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import math
 import os
 import re
 import secrets
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -66,6 +68,10 @@ SPACING_LIMITS_MM = (0.05, 20.0)
 
 HU_LIMITS = (-32768.0, 32767.0)
 """Hounsfield values are stored as 16-bit signed integers by every scanner."""
+
+SERIES_UID_KEY = "0020|000e"
+"""Metadata key (ITK's spelling of the DICOM tag Series Instance UID) under which :func:`read_image`
+keeps the series it read from a DICOM folder, so the report can say which one it was."""
 
 _PERCENTILE_SAMPLES = 1_000_000
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -117,22 +123,42 @@ def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
     that file.
 
     The pixel type is kept as stored (a label map must stay integer); raises :class:`InputError`
-    for anything that is not a readable 3D scalar volume.
+    for anything that is not a readable 3D scalar volume, and for a pipe or device (reading one
+    could block forever) before it is opened.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder")
-    image = _read_folder(path, series_uid) if path.is_dir() else _read_file(path)
+    try:
+        image = _read_folder(path, series_uid) if _is_folder(path) else _read_file(path)
+    except OSError as error:  # permission denied, an I/O error: the file system, not the image
+        raise InputError(f"{error.filename or path}: cannot read it ({error.strerror or error})") from None
     _check_3d_scalar(image, str(path))
     return image
 
 
+def source_series_uid(image: sitk.Image) -> str | None:
+    """The Series Instance UID of the DICOM series ``image`` was read from; None for a volume file."""
+    return image.GetMetaData(SERIES_UID_KEY) if image.HasMetaDataKey(SERIES_UID_KEY) else None
+
+
+def _is_folder(path: Path) -> bool:
+    """True for a folder, False for a regular file; InputError for a missing path or a special file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device); give a CT volume file or a DICOM series folder")
+    return stat.S_ISDIR(mode)
+
+
 def _read_file(path: Path) -> sitk.Image:
-    """Read one image file, turning ITK's failures (and silent NIfTI truncation) into InputError."""
+    """Read one image file, turning ITK's failures (and what its NIfTI reader hides) into InputError."""
     if not is_image_path(path):
         raise InputError(f"{path}: not a supported image file; expected one of {', '.join(IMAGE_SUFFIXES)} or a folder holding a DICOM series")
+    with open(path, "rb"):  # an unreadable file fails here with its OSError, not with ITK's guess
+        pass
     if _suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -145,7 +171,10 @@ def _read_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 
     series = dicom.list_series(folder)
     if series or series_uid is not None:
-        return dicom.read_series(folder, dicom.choose_series(folder, series, series_uid))
+        chosen = dicom.choose_series(folder, series, series_uid)
+        image = dicom.read_series(folder, chosen)
+        image.SetMetaData(SERIES_UID_KEY, chosen.uid)
+        return image
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
     if len(files) == 1:
         return _read_file(files[0])
@@ -161,47 +190,105 @@ def _check_3d_scalar(image: sitk.Image, label: str) -> None:
         raise InputError(f"{label}: pixels are '{image.GetPixelIDTypeAsString()}' with {image.GetNumberOfComponentsPerPixel()} components; expected one scalar value per voxel (grey-level CT)")
 
 
-# NIfTI: ITK's reader silently zero-fills the missing part of a truncated .nii / .nii.gz (seen with
-# SimpleITK 2.5 / ITK 5.4), so compare the data length with what the header promises.
+# NIfTI: ITK's reader (SimpleITK 2.5 / ITK 5.4) hides three faults of a file: it zero-fills the
+# missing part of a truncated file, reads NaN and infinite voxels as 0, and reads a voxel size of 0
+# as 1 mm. The header and the data are read here first, so each is refused instead.
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes promised by a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+@dataclasses.dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    shape: tuple[int, ...]  # dim[1] .. dim[dim[0]]
+    datatype: int
+    bitpix: int
+    offset: int  # where the voxels start
+    spacing: tuple[float, ...]  # pixdim of the first three axes
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(max(d, 1) for d in self.shape) * self.bitpix // 8
+
+    @property
+    def float_dtype(self) -> np.dtype | None:
+        code = _NIFTI_FLOAT_TYPES.get(self.datatype)
+        return np.dtype(self.endian + code) if code else None
+
+
+def _nifti_header(raw: bytes) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1 or NIfTI-2 header that locate and describe the voxels, or None."""
     for endian in "<>":
-        if len(header) >= 348 and struct.unpack_from(endian + "i", header, 0)[0] == 348:
-            dims = struct.unpack_from(endian + "8h", header, 40)
-            bitpix = struct.unpack_from(endian + "h", header, 72)[0]
-            offset = int(struct.unpack_from(endian + "f", header, 108)[0])
+        size = struct.unpack_from(endian + "i", raw, 0)[0] if len(raw) >= 4 else 0
+        if size == 348 and len(raw) >= 348:
+            dims = struct.unpack_from(endian + "8h", raw, 40)
+            datatype, bitpix = struct.unpack_from(endian + "2h", raw, 70)
+            pixdim = struct.unpack_from(endian + "8f", raw, 76)
+            offset = max(int(struct.unpack_from(endian + "f", raw, 108)[0]), 348)
             break
-        if len(header) >= 540 and struct.unpack_from(endian + "i", header, 0)[0] == 540:
-            bitpix = struct.unpack_from(endian + "h", header, 14)[0]
-            dims = struct.unpack_from(endian + "8q", header, 16)
-            offset = struct.unpack_from(endian + "q", header, 168)[0]
+        if size == 540 and len(raw) >= 540:
+            datatype, bitpix = struct.unpack_from(endian + "2h", raw, 12)
+            dims = struct.unpack_from(endian + "8q", raw, 16)
+            pixdim = struct.unpack_from(endian + "8d", raw, 104)
+            offset = max(struct.unpack_from(endian + "q", raw, 168)[0], 540)
             break
     else:
         return None
     if not 1 <= dims[0] <= 7:
         return None
-    return max(offset, 348) + math.prod(max(d, 1) for d in dims[1 : dims[0] + 1]) * bitpix // 8
+    return _NiftiHeader(endian, tuple(dims[1 : dims[0] + 1]), datatype, bitpix, offset,
+                        tuple(pixdim[1 : min(dims[0], 3) + 1]))
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise InputError when a NIfTI file is shorter than its header says (or its gzip is broken)."""
-    compressed = _suffix(path) == ".nii.gz"
+def _nifti_contents(path: Path) -> tuple[_NiftiHeader | None, int, int]:
+    """(header, voxel bytes present, NaN or infinite voxels among them) of a .nii or .nii.gz file.
+
+    Raises EOFError, OSError or zlib.error when the file cannot be read or its gzip stream is cut off.
+    """
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        header = _nifti_header(f.read(540))
+        if header is None:
+            return None, 0, 0
+        f.seek(header.offset)
+        present, non_finite, dtype = 0, 0, header.float_dtype
+        while present < header.data_bytes and (chunk := f.read(min(1 << 24, header.data_bytes - present))):
+            present += len(chunk)
+            if dtype is not None:
+                voxels = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype)
+                non_finite += int(np.count_nonzero(~np.isfinite(voxels)))
+    return header, present, non_finite
+
+
+def _check_nifti(path: Path) -> None:
+    """Raise InputError for what ITK's NIfTI reader would hide (see above) or misreport."""
+    if _suffix(path) == ".nii.gz" and not _starts_with(path, _GZIP_MAGIC) and _starts_like_nifti(path):
+        raise InputError(f"{path}: the file is an uncompressed NIfTI although its name ends in .nii.gz; rename it to .nii")
     try:
-        if not compressed:
-            with open(path, "rb") as f:
-                expected, actual = _nifti_expected_bytes(f.read(540)), os.path.getsize(path)
-        else:
-            with gzip.open(path, "rb") as f:
-                expected, actual = _nifti_expected_bytes(f.read(540)), 0
-                f.seek(0)
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
+        header, present, non_finite = _nifti_contents(path)
     except (EOFError, OSError, zlib.error) as error:
         raise InputError(f"{path}: file is truncated or corrupt ({error}); re-export or re-download it") from None
-    if expected is not None and actual < expected:
-        raise InputError(f"{path}: file is truncated: {actual} bytes of data where the NIfTI header needs {expected}; re-export or re-download it")
+    if header is None:
+        return  # not NIfTI at all: ITK's own message says so
+    if not all(math.isfinite(s) and s > 0 for s in header.spacing):
+        raise InputError(f"{path}: the NIfTI header gives a voxel size of {' x '.join(f'{s:g}' for s in header.spacing)} mm, "
+                         f"and a size must be above 0 (ITK would read 0 as 1 mm); fix the header's pixdim")
+    if present < header.data_bytes:
+        raise InputError(f"{path}: file is truncated: {header.offset + present} bytes where the NIfTI header needs "
+                         f"{header.offset + header.data_bytes}; re-export or re-download it")
+    if non_finite:
+        raise InputError(_non_finite_message(str(path), non_finite, header.data_bytes * 8 // header.bitpix))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _starts_like_nifti(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return _nifti_header(f.read(540)) is not None
 
 
 # --------------------------------------------------------------------------- CT plausibility
@@ -240,8 +327,10 @@ def _check_size(image: sitk.Image, label: str) -> None:
 def _check_spacing(image: sitk.Image, label: str) -> None:
     """Reject voxel sizes no CT has: usually a header written in metres or with a unit lost."""
     low, high = SPACING_LIMITS_MM
+    spacing = " x ".join(f"{s:g}" for s in image.GetSpacing())
+    if not all(s > 0 for s in image.GetSpacing()):
+        raise InputError(f"{label}: voxel spacing {spacing} mm, and a voxel size must be above 0; fix the header")
     if not all(low <= s <= high for s in image.GetSpacing()):
-        spacing = " x ".join(f"{s:g}" for s in image.GetSpacing())
         raise InputError(f"{label}: voxel spacing {spacing} mm is outside {low:g}..{high:g} mm, which no CT has; "
                          f"check the header's units (metres instead of millimetres?)")
 
@@ -252,7 +341,13 @@ def _check_finite(voxels: np.ndarray, label: str) -> None:
         return
     bad = int(np.count_nonzero(~np.isfinite(voxels)))
     if bad:
-        raise InputError(f"{label}: {bad} voxel(s) are NaN or infinite; expected finite Hounsfield values")
+        raise InputError(_non_finite_message(label, bad, voxels.size))
+
+
+def _non_finite_message(label: str, bad: int, total: int) -> str:
+    if bad == total:
+        return f"{label}: every voxel is NaN or infinite: the file holds no image (a failed export or conversion?)"
+    return f"{label}: {bad} voxel(s) are NaN or infinite; expected finite Hounsfield values"
 
 
 def _sample(voxels: np.ndarray) -> np.ndarray:
