@@ -46,7 +46,7 @@ RECORD_SUFFIX = "_report.json"
 DONE, NO_LIVER, FAILED, RUNNING = "done", "no liver found", "failed", "running"
 FINISHED = (DONE, NO_LIVER)
 SUMMARY_COLUMNS = ("case", "status", "seconds", "liver_ml", "tumors", "tumor_ml", "tumor_burden_percent",
-                   "input", "output", "message")
+                   "input", "series_uid", "output", "message")
 
 
 @dataclasses.dataclass
@@ -65,7 +65,8 @@ class CaseRecord:
         report = self.report or {}
         return [self.case, self.status, round(self.seconds, 1), report.get("liver_volume_ml", ""),
                 len(report["tumors"]) if "tumors" in report else "", report.get("tumor_volume_ml", ""),
-                report.get("tumor_burden_percent", ""), self.input, self.output, self.message]
+                report.get("tumor_burden_percent", ""), self.input, report.get("series_uid") or "", self.output,
+                self.message]
 
 
 @dataclasses.dataclass

@@ -56,6 +56,8 @@ def _segment(args: argparse.Namespace) -> int:
               _stage_progress(), args.min_tumor_confidence)
     if is_single_case(args.inputs, args.output):
         result, report = segment_one(args.inputs[0], args.output, job, args.report)
+        if report.series_uid:
+            print(f"DICOM series {report.series_uid}")
         print(format_report(report) if result.liver_found else f"{args.inputs[0]}: no liver found; the label map is empty")
         print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
         return 0
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--format", choices=tuple(FORMATS), help="output format (default: by the output "
                          "file name; nifti for a batch)")
     segment.add_argument("--series-uid", help="the DICOM series to read when a folder holds several "
-                         "(default: the axial CT series with the most slices)")
+                         "(default: the axial CT series with the most slices; two with as many are refused)")
     segment.add_argument("--report", type=Path, metavar="FILE", help="also write the per-tumor report "
                          "(.csv one row per tumor, .json everything)")
     segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
