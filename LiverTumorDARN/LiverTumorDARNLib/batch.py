@@ -36,10 +36,11 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import image_stem, is_image_path, read_ct, read_image, write_json, write_text
+from .io import (check_outputs_apart, check_writable_folder, image_stem, is_image_path, read_ct, read_image,
+                 write_json, write_text)
 from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
 from .pipeline import Segmentation, load_stages, segment
-from .report import CaseReport, measure, write_report
+from .report import CaseReport, measure, report_format, write_report
 
 SUMMARY_NAME = "summary.csv"
 RECORD_SUFFIX = "_report.json"
@@ -110,10 +111,12 @@ def is_single_case(inputs: list[Path], output: Path) -> bool:
 def segment_one(source: Path, target: Path, job: Job, report_path: Path | None = None) -> tuple[Segmentation, CaseReport]:
     """Segment one CT into ``target``; outputs are checked before the (long) work starts."""
     fmt = output_format(target, job.fmt)
+    outputs = [target] if report_path is None else [target, report_path]
+    check_outputs_apart(outputs, [source])
     check_source_fits(fmt, source, target, job.series_uid)
-    for path in (target, report_path):
-        if path is not None and path.exists() and not job.overwrite:
-            raise InputError(f"{path} exists; pass --overwrite to replace it")
+    if report_path is not None:
+        report_format(report_path)  # a wrong suffix is refused now, not after the work
+    _check_free_and_writable(outputs, job.overwrite)
     stages = load_stages(job.models_dir, job.device, job.min_tumor_confidence)
     result, report = _segment_and_write(source, target, fmt, stages, job)
     if report_path is not None:
@@ -137,9 +140,9 @@ def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, i
     from .refine import Refiner
 
     fmt = output_format(target, job.fmt)
+    check_outputs_apart([target], [source, mask])
     check_source_fits(fmt, source, target, job.series_uid)
-    if target.exists() and not job.overwrite:
-        raise InputError(f"{target} exists; pass --overwrite to replace it")
+    _check_free_and_writable([target], job.overwrite)
     ct = read_ct(source, job.series_uid)
     labels = sitk.GetArrayFromImage(_matching_labels(read_image(mask), ct, mask))
     refiner = Refiner.load(job.models_dir, job.device)
@@ -154,6 +157,14 @@ def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, i
     refined.CopyInformation(ct)
     write_segmentation(refined, target, fmt, source, job.series_uid, job.overwrite)
     return [change.message for change in changes]
+
+
+def _check_free_and_writable(outputs: list[Path], overwrite: bool) -> None:
+    for path in outputs:
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace it")
+    for folder in dict.fromkeys(path.parent for path in outputs):
+        check_writable_folder(folder)
 
 
 def _matching_labels(labels: sitk.Image, ct: sitk.Image, path: Path) -> sitk.Image:
@@ -179,6 +190,7 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
     if job.series_uid is not None:
         raise InputError("--series-uid picks a series of one DICOM folder; give one input and an output file")
     cases = _cases(expand_inputs(inputs), out_dir, job.fmt or "nifti")
+    check_outputs_apart([target for _, _, target in cases], [source for _, source, _ in cases])
     for _, source, target in cases:
         check_source_fits(job.fmt or "nifti", source, target)
     _check_writable_folder(out_dir)
@@ -232,12 +244,8 @@ def _check_writable_folder(out_dir: Path) -> None:
     """Fail before the first case, not after each one, when the outputs cannot be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file; give a folder for the outputs of several inputs")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"{out_dir}: output folder is not writable")
+    check_writable_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _run_case(name: str, source: Path, target: Path, out_dir: Path, stages, job: Job) -> CaseRecord:

@@ -35,9 +35,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _picture(args: argparse.Namespace) -> int:
-    from .io import read_ct, read_image
+    from .io import check_outputs_apart, read_ct, read_image
     from .picture import axial_overlay, save_png
 
+    check_outputs_apart([args.output], [args.volume, args.labels])
     if args.output.exists() and not args.overwrite:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
     ct, labels = read_ct(args.volume), read_image(args.labels)

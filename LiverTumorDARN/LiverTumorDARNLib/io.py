@@ -10,25 +10,30 @@ project relies on:
   label map overlays the CT in any viewer;
 * user mistakes (missing file, truncated file, MR instead of CT, 2D image, ...) become one-line
   :class:`InputError` messages that name the path, instead of ITK's multi-line C++ traces;
-* outputs are written atomically, so an interrupted run never leaves a half-written file that
-  looks finished.
+* outputs are written atomically and read back before they take their name, so neither an
+  interrupted run nor a full disk leaves a half-written file that looks finished, and an existing
+  file is replaced only when asked (not even by another writer racing for the same name);
+* an output never replaces an input, and the output folder is checked before the long work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import gzip
 import json
 import math
 import os
 import re
 import secrets
+import socket
 import stat
 import struct
+import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -437,8 +442,9 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     """Write ``image`` atomically to ``path`` and return the path.
 
     The data goes to a hidden temp file in the same folder (same extension, so SimpleITK picks the
-    same format) and is renamed onto ``path`` only when complete: a crash never leaves a partial
-    file under the real name. An existing file is refused unless ``overwrite``.
+    same format) and is read back before it takes the real name (:func:`atomic_write`): ITK's NIfTI
+    writer reports a short write (a full disk) only on the console and returns as if it had
+    succeeded. An existing file is refused unless ``overwrite``.
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -448,10 +454,28 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     def write(temp: Path) -> None:
         try:
             sitk.WriteImage(image, str(temp), useCompression=suffix in _COMPRESSED_SUFFIXES)
-        except RuntimeError as error:
-            raise InputError(f"{path}: cannot write the image: {_itk_message(error)}") from None
+        except RuntimeError as error:  # the reason names the temp file: show the user's name instead
+            reason = _itk_message(error).replace(str(temp), str(path))
+            raise InputError(f"{path}: cannot write the output: {reason}") from None
 
-    return atomic_write(path, suffix, overwrite, write)
+    return atomic_write(path, suffix, overwrite, write, lambda temp: _image_file_problem(temp, image))
+
+
+def _image_file_problem(written: Path, image: sitk.Image) -> str | None:
+    """What is wrong with an image file just written, found by reading it back; None if nothing."""
+    try:
+        if _suffix(written) in (".nii", ".nii.gz"):  # ITK's reader would zero-fill a short file
+            header, present, _ = _nifti_contents(written)
+            if header is None:
+                return "the written file has no complete NIfTI header"
+            if present < header.data_bytes:
+                return f"only {header.offset + present} of {header.offset + header.data_bytes} bytes reached the disk"
+        back = sitk.ReadImage(str(written))
+    except RuntimeError as error:
+        return f"the written file cannot be read back ({_itk_message(error)})"
+    if back.GetSize() != image.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+        return "the file read back holds other voxels than were written"
+    return None
 
 
 def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
@@ -463,39 +487,173 @@ def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
 
 
 def write_text(text: str, path: PathLike, overwrite: bool = False) -> Path:
-    """Write UTF-8 text atomically like :func:`write_image`, flushed to disk before the rename."""
+    """Write UTF-8 text atomically like :func:`write_image`; its size on disk is checked before the rename."""
     path = Path(path)
-
-    def write(temp: Path) -> None:
-        with open(temp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return atomic_write(path, path.suffix, overwrite, write)
+    data = text.encode("utf-8")
+    return atomic_write(path, path.suffix, overwrite, lambda temp: temp.write_bytes(data),
+                        lambda temp: _size_problem(temp, len(data)))
 
 
-def atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temp file next to ``path``, then rename it onto ``path``; clean up on failure.
+def _size_problem(written: Path, expected_bytes: int) -> str | None:
+    actual = written.stat().st_size
+    return None if actual == expected_bytes else f"only {actual} of {expected_bytes} bytes reached the disk"
 
-    The temp file keeps ``suffix``, for writers that choose the format by the file name.
+
+def atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None],
+                 problem: Callable[[Path], str | None] = lambda written: None) -> Path:
+    """Run ``write`` on a temp file next to ``path``, check it, then give it the name ``path``.
+
+    * The temp file is flushed to the disk and ``problem(temp)`` reads it back (None: all there),
+      so a short write (a full disk, a quota) is an error, never a truncated file at ``path``.
+    * Without ``overwrite`` the file takes the name only if the name is free at that instant
+      (:func:`_claim_name`): of two writers racing for one new output, one wins, the other is refused.
+    * The temp file keeps ``suffix`` (writers choose the format by the file name) and names this
+      machine and process, so that a later write of ``path`` can remove what a killed run left
+      (:func:`remove_stale_partials`). A crash never leaves a partial file under the real name.
     """
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name for the output")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: output file already exists; choose another name or allow overwriting")
+    _check_output_name(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"{path}: cannot create the output folder {path.parent} ({error.strerror or error}); is a file in the way, or the location read-only?") from None
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    temp = path.with_name(f".{stem}.partial-{secrets.token_hex(6)}{suffix}")
+    remove_stale_partials(path, suffix)
+    temp = path.with_name(f".{_stem(path, suffix)}.partial-{_MACHINE}-{os.getpid()}-{secrets.token_hex(6)}{suffix}")
     try:
         write(temp)
-        os.replace(temp, path)
+        _flush_to_disk(temp)
+        found = _read_back(temp, problem)
+        if found:
+            raise InputError(f"{path}: cannot write the output: {found} (is the disk full?)")
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            _claim_name(temp, path)
     except OSError as error:
         raise InputError(f"{path}: cannot write the output: {error.strerror or error}") from None
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
     return path
+
+
+def _read_back(written: Path, problem: Callable[[Path], str | None]) -> str | None:
+    try:
+        return problem(written)
+    except Exception as error:  # whatever a reader raises on the file, the file is not what was meant
+        return f"the written file cannot be read back ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+
+
+def _check_output_name(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (a pipe or device); give a file name for the output")
+    if path.exists() and not overwrite:
+        raise _exists(path)
+
+
+def _exists(path: Path) -> InputError:
+    return InputError(f"{path}: output file already exists; choose another name or allow overwriting")
+
+
+def _stem(path: Path, suffix: str) -> str:
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync, so that a write the disk refuses late (delayed allocation on a full disk) fails here."""
+    fd = os.open(path, os.O_RDWR)  # Windows flushes only handles open for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _claim_name(temp: Path, path: Path) -> None:
+    """Give ``temp`` the name ``path`` unless a file has it, in one step: no check-then-rename race."""
+    try:
+        os.link(temp, path)  # refused if the name is taken at this instant; the caller removes temp
+        return
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError:
+        pass  # a file system without hard links (FAT, some network shares): claim the name instead
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise _exists(path) from None
+    os.replace(temp, path)
+
+
+_MACHINE = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32] or "machine"
+"""This machine's name in temp file names: a process id means something only on its own machine."""
+
+
+def remove_stale_partials(path: Path, suffix: str) -> None:
+    """Delete the temp files of ``path`` that killed runs on this machine left behind.
+
+    A temp file is stale when the process named in it is gone. Those of a live writer (a concurrent
+    run) or of another machine (a shared folder) are kept, as is everything on Windows, which has
+    no harmless way to ask whether a process runs.
+    """
+    if os.name == "nt":
+        return
+    stem = _stem(path, suffix)
+    ours = re.compile(rf"\.{re.escape(stem)}\.partial-{re.escape(_MACHINE)}-(\d+)-[0-9a-f]{{12}}{re.escape(suffix)}")
+    for candidate in path.parent.glob(f".{glob.escape(stem)}.partial-*"):
+        match = ours.fullmatch(candidate.name)
+        if match and not _process_runs(int(match[1])):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse, before any long work, a folder where no output can be written: a file in its place,
+    a read-only location, no permission. A folder not made yet is tried where it would be made."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{folder}: cannot create the output folder ({existing} is a file)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"{folder}: cannot write in {existing} ({error.strerror or error}); is the location read-only?") from None
+
+
+def check_outputs_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None:
+    """Refuse, whatever the flags, an output that is one of the inputs (by path, link or hard link)
+    or lands directly in an input folder, which is read as one scan (a DICOM series, a folder of
+    one volume): nothing the user gave is replaced, or changed before it is read again."""
+    files, folders, inodes = {}, {}, {}
+    for source in map(Path, inputs):
+        if source.is_dir():
+            folders[source.resolve()] = source
+        else:
+            files[source.resolve()] = source
+            with contextlib.suppress(OSError):
+                inodes[_inode(source)] = source
+    for output in map(Path, outputs):
+        where = output.resolve()
+        same = files.get(where) or (inodes.get(_inode(output)) if output.is_file() else None)
+        if same is not None:
+            raise InputError(f"{output}: would replace the input {same}; an input is never replaced, whatever the "
+                             f"options: write the output to another file")
+        if where.parent in folders:
+            raise InputError(f"{output}: lies in the input folder {folders[where.parent]}, which is read as one scan; "
+                             f"write the output elsewhere")
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino

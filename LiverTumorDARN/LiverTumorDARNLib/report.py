@@ -118,13 +118,19 @@ TUMOR_COLUMNS = ("tumor_id", "volume_ml", "longest_axial_diameter_mm", "mean_hu"
                  "series_uid")
 
 
+def report_format(path: Path) -> str:
+    """The report's format by its file name (checked before the work, not after it)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in REPORT_SUFFIXES:
+        raise InputError(f"{path}: a report is written as {' or '.join(REPORT_SUFFIXES)}")
+    return suffix
+
+
 def write_report(report: CaseReport, path: Path, overwrite: bool = False) -> Path:
     """Write the report atomically: JSON holds everything, CSV one row per tumor (for spreadsheets)."""
     path = Path(path)
-    if path.suffix.lower() == ".json":
+    if report_format(path) == ".json":
         return write_json(report.as_dict(), path, overwrite)
-    if path.suffix.lower() != ".csv":
-        raise InputError(f"{path}: a report is written as {' or '.join(REPORT_SUFFIXES)}")
     text = text_io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(TUMOR_COLUMNS)

@@ -26,18 +26,15 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import pickle
 import re
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .io import write_json
+from .io import atomic_write, check_outputs_apart, write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: finding the models folder stays cheap
     import torch
@@ -165,13 +162,14 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
         raise InputError(f"{checkpoint}: stage name {name!r} is not a model name (lower-case letters, digits, '-' and '_')")
     is_darn = payload["model_config"].get("architecture", "darn") == "darn"
     target = models_dir / (f"darn-{name}.pt" if is_darn else f"{name}.pt")
+    check_outputs_apart([target], [checkpoint])
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; pass --overwrite to replace it")
     architecture = {**payload["model_config"], "deep_supervision": False} if is_darn else dict(payload["model_config"])
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
-    _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES)
+    _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES, overwrite)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {
         "file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
@@ -210,22 +208,23 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def _export_within_limit(model: torch.nn.Module, target: Path, limit: int) -> None:
-    """Script the model to a temp file, refuse it over ``limit`` bytes, else move it to ``target``."""
+def _export_within_limit(model: torch.nn.Module, target: Path, limit: int, overwrite: bool) -> None:
+    """Script the model to ``target`` atomically, refused over ``limit`` bytes, read back before the rename."""
+    import torch
+
     from .models import export_torchscript
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(6)}")
-    try:
+    def write(temp: Path) -> None:
         export_torchscript(model, temp)
         size = temp.stat().st_size
         if size > limit:
             raise InputError(f"{target.name}: exported model is {size / 2**20:.1f} MiB, over the "
                              f"{limit / 2**20:.0f} MiB limit for bundled weights; train narrower widths")
-        os.replace(temp, target)
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
+
+    def problem(written: Path) -> None:
+        torch.jit.load(str(written))  # raises on a file cut short, which atomic_write reports
+
+    atomic_write(target, ".pt", overwrite, write, problem)
 
 
 def _manifest_or_new(models_dir: Path) -> dict:
