@@ -1,7 +1,8 @@
 """The ``livertumordarn`` command: argument parsing only; the work lives in the core modules.
 
-A user mistake (``InputError``) becomes one line on stderr and exit status 2; Ctrl-C becomes
-exit status 130. Anything else is a bug and keeps its traceback.
+A user mistake (``InputError``) or the file system's refusal (``OSError``: no permission, an I/O
+error) becomes one line on stderr and exit status 2; Ctrl-C becomes exit status 130. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -327,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except InputError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # met where no check turned it into an InputError first
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{PROGRAM}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; finished files are complete, nothing half-written is left",
