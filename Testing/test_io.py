@@ -499,15 +499,23 @@ def test_of_two_writers_racing_for_one_new_output_one_wins_and_the_other_is_refu
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
-def test_without_hard_links_an_existing_output_is_still_never_replaced(tmp_path, monkeypatch):
-    def no_hard_links(*args):
-        raise PermissionError(1, "Operation not permitted")
+def refused(*args):
+    raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "link", no_hard_links)  # as on FAT or some network shares
+
+def test_without_hard_links_an_existing_output_is_still_never_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "link", refused)  # as on FAT or some network shares
     path = io.write_text("first", tmp_path / "out.txt")
     assert_one_line_input_error(io.atomic_write, path, ".txt", False, lambda temp: temp.write_text("second"),
                                 match="already exists")
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_without_hard_links_a_failed_move_leaves_no_empty_file_at_the_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "link", refused)
+    monkeypatch.setattr(os, "replace", refused)
+    assert_one_line_input_error(io.write_text, "text", tmp_path / "out.txt", match="cannot write the output")
+    assert list(tmp_path.iterdir()) == []
 
 
 STALLED_WRITER = """

@@ -582,7 +582,12 @@ def _claim_name(temp: Path, path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except FileExistsError:
         raise _exists(path) from None
-    os.replace(temp, path)
+    try:
+        os.replace(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # the empty claim is ours: leave no empty file behind
+            path.unlink()
+        raise
 
 
 _MACHINE = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32] or "machine"
