@@ -146,10 +146,9 @@ def test_series_uid_with_a_batch_is_refused(inputs, models_dir, tmp_path, capsys
     assert "--series-uid" in capsys.readouterr().err
 
 
-def test_folder_of_dicom_case_folders_is_a_batch_of_those_cases(models_dir, tmp_path):
+def test_folder_of_dicom_case_folders_is_a_batch_of_those_cases_naming_each_series(models_dir, tmp_path):
     hu = np.full((20, 40, 48), -1000.0)
     hu[:, 8:32, 8:40] = 60.0
-    for case in ("patient-a", "patient-b"):
-        write_series(tmp_path / "cases" / case, hu)
+    uids = {case: write_series(tmp_path / "cases" / case, hu) for case in ("patient-a", "patient-b")}
     assert run_batch(tmp_path / "cases", tmp_path / "out", models_dir) == 0
-    assert sorted(summary(tmp_path / "out")) == ["patient-a", "patient-b"]
+    assert {case: row["series_uid"] for case, row in summary(tmp_path / "out").items()} == uids

@@ -57,6 +57,17 @@ def test_missing_input_is_one_line_and_exit_status_2(tmp_path, capsys):
     assert err.startswith("livertumordarn: error:") and len(err.strip().splitlines()) == 1
 
 
+def test_a_file_system_refusal_anywhere_is_one_line_naming_the_file(dataset, monkeypatch, capsys):
+    from LiverTumorDARNLib import metrics
+
+    def refused(*args):
+        raise PermissionError(13, "Permission denied", "secret/segmentation-0.nii.gz")
+
+    monkeypatch.setattr(metrics, "match_case_files", refused)  # as Path.exists() in a folder nobody may enter
+    assert main(["evaluate", "--gt", str(dataset), "--pred", str(dataset)]) == 2
+    assert capsys.readouterr().err == "livertumordarn: error: secret/segmentation-0.nii.gz: Permission denied\n"
+
+
 def test_phantom_refuses_to_overwrite_without_the_flag(dataset, capsys):
     before = (dataset / "volume-0.nii.gz").read_bytes()
     assert main(["phantom", str(dataset), "--n", "1", "--small"]) == 2

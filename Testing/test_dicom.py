@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
 from dicom_series import write_series
 from LiverTumorDARNLib.errors import InputError
-from LiverTumorDARNLib.io import read_ct, read_image
+from LiverTumorDARNLib.io import read_ct, read_image, source_series_uid
 
 
 def marked_hu(shape=(20, 40, 48)) -> np.ndarray:
@@ -92,3 +96,77 @@ def test_two_acquisitions_in_one_series_are_reported(tmp_path):
     uid = write_series(tmp_path, hu)
     write_series(tmp_path, hu, series_uid=uid, prefix="SECOND")
     assert "slices at one position" in one_line_error(read_image, tmp_path)
+
+
+def edit_slice(path: Path, change) -> None:
+    dataset = pydicom.dcmread(path)
+    change(dataset)
+    dataset.save_as(path)
+
+
+def slice_files(folder: Path) -> list[Path]:
+    """The files in stacking order (file_order="sorted" names them by position)."""
+    return sorted(folder.iterdir())
+
+
+def test_the_image_keeps_the_uid_of_the_series_it_was_read_from(tmp_path):
+    uid = write_series(tmp_path, marked_hu())
+    assert source_series_uid(read_image(tmp_path)) == uid
+
+
+def test_two_ct_series_with_as_many_slices_are_refused_with_both_named(tmp_path):
+    arterial = write_series(tmp_path, marked_hu(), description="arterial")
+    venous = write_series(tmp_path, marked_hu(), description="venous", prefix="V")
+    message = one_line_error(read_image, tmp_path)
+    assert "2 axial CT series have 20 slices each" in message and "choose one by its series UID" in message
+    assert arterial in message and venous in message
+    assert read_image(tmp_path, series_uid=venous).GetSize() == (48, 40, 20)
+
+
+def test_a_slice_without_its_position_is_named(tmp_path):
+    write_series(tmp_path, marked_hu(), file_order="sorted")
+    edit_slice(slice_files(tmp_path)[4], lambda slice_: delattr(slice_, "ImagePositionPatient"))
+    assert "IM0004.dcm: the slice has no valid ImagePositionPatient" in one_line_error(read_image, tmp_path)
+
+
+def test_a_pixel_spacing_of_zero_is_refused_not_read_as_1_mm(tmp_path):
+    write_series(tmp_path, marked_hu())
+    for path in slice_files(tmp_path):
+        edit_slice(path, lambda slice_: setattr(slice_, "PixelSpacing", [0, 0]))
+    assert "PixelSpacing 0\\0 mm is not a pixel size" in one_line_error(read_image, tmp_path)
+
+
+def test_a_slice_of_another_size_is_named(tmp_path):
+    write_series(tmp_path, marked_hu(), file_order="sorted")
+
+    def shrink(slice_):
+        slice_.Rows, slice_.Columns = 32, 32
+        slice_.PixelData = np.zeros((32, 32), "<i2").tobytes()
+
+    edit_slice(slice_files(tmp_path)[5], shrink)
+    assert "mixes image sizes: IM0005.dcm is 32x32 where 19 slices are 48x40" in one_line_error(read_image, tmp_path)
+
+
+@pytest.mark.parametrize("position, content", [(9, "cut off"), (0, "empty")])
+def test_a_slice_file_cut_off_or_empty_is_named_not_taken_for_a_gap_or_left_out(tmp_path, position, content):
+    """GDCM leaves such a file out without a word: a gap in the middle, one slice fewer at an end."""
+    write_series(tmp_path, marked_hu(), file_order="sorted")
+    path = slice_files(tmp_path)[position]
+    path.write_bytes(path.read_bytes()[:1000] if content == "cut off" else b"")
+    message = one_line_error(read_image, tmp_path)
+    assert message.startswith(f"{tmp_path}: {path.name} ")
+    assert ("is empty (0 bytes)" if content == "empty" else "cannot be read as a slice") in message
+
+
+def test_files_that_are_no_slices_beside_the_series_are_ignored(tmp_path):
+    write_series(tmp_path, marked_hu())
+    (tmp_path / "README.txt").write_text("exported from the PACS")
+    (tmp_path / ".DS_Store").write_bytes(b"")
+    assert read_image(tmp_path).GetSize() == (48, 40, 20)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_in_the_series_folder_is_refused_before_gdcm_opens_it(tmp_path):
+    write_series(tmp_path, marked_hu())
+    os.mkfifo(tmp_path / "pipe.dcm")
+    assert "pipe.dcm is not a regular file" in one_line_error(read_image, tmp_path)

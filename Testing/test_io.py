@@ -5,14 +5,21 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from adversity import file_size_limit, release_readers
 from LiverTumorDARNLib import io
 from LiverTumorDARNLib.errors import InputError
+from LiverTumorDARNLib.outputs import write_slicer_segmentation
 
 REALCT = Path(__file__).resolve().parents[1].parent / "shared" / "realct"
 LITS = REALCT / "lits-volume-0"
@@ -286,6 +293,87 @@ def test_read_ct_rejects_mr_file_naming_the_path(tmp_path):
     assert str(path) in str(error)
 
 
+def nifti_with_pixdim(tmp_path: Path, axis: int, value: float) -> Path:
+    """An uncompressed NIfTI whose header gives ``value`` as the voxel size along ``axis`` (1-3)."""
+    path = tmp_path / "ct.nii"
+    io.write_image(ct_like(), path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<f", data, 76 + 4 * axis, value)  # pixdim[axis] of a little-endian NIfTI-1 header
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, -2.5])
+def test_a_nifti_voxel_size_of_zero_or_below_is_refused_not_read_as_1_mm(tmp_path, value):
+    path = nifti_with_pixdim(tmp_path, 3, value)
+    assert_one_line_input_error(io.read_image, path, match="voxel size of 0.75 x 0.875 x")
+
+
+def test_nan_voxels_of_a_nifti_file_are_refused_though_itk_reads_them_as_0(tmp_path):
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    assert_one_line_input_error(io.read_ct, path, match="1 voxel\\(s\\) are NaN")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_a_volume_of_nan_only_is_called_empty_not_an_mr(tmp_path, suffix):
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 36, 40), np.nan, np.float32)), str(path))
+    assert_one_line_input_error(io.read_ct, path, match="every voxel is NaN or infinite: the file holds no image")
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_told_to_be_renamed(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    io.write_image(ct_like(), tmp_path / "ct.nii")
+    (tmp_path / "ct.nii").rename(path)
+    assert_one_line_input_error(io.read_image, path, match="uncompressed NIfTI .* rename it to .nii")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_named_like_a_volume_is_refused_without_being_opened(tmp_path):
+    pipe = tmp_path / "ct.nii.gz"
+    os.mkfifo(pipe)
+    stop = release_readers(pipe)
+    try:
+        assert_one_line_input_error(io.read_image, pipe, match="not a regular file")
+    finally:
+        stop.set()
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_device_named_like_a_volume_is_refused(tmp_path):
+    (tmp_path / "ct.nii").symlink_to("/dev/zero")
+    assert_one_line_input_error(io.read_image, tmp_path / "ct.nii", match="not a regular file")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_a_file_the_user_may_not_read_says_so(tmp_path):
+    path = tmp_path / "ct.nrrd"
+    io.write_image(ct_like(), path)
+    path.chmod(0)
+    assert_one_line_input_error(io.read_image, path, match="Permission denied")
+
+
+# --------------------------------------------------------------------------- outputs apart from inputs
+
+
+def test_an_output_that_is_an_input_is_refused_by_path_link_or_hard_link(tmp_path):
+    ct = tmp_path / "ct.nii.gz"
+    io.write_image(ct_like(), ct)
+    (tmp_path / "link.nii.gz").symlink_to(ct)
+    os.link(ct, tmp_path / "hard.nii.gz")
+    for output in (ct, tmp_path / "sub" / ".." / "ct.nii.gz", tmp_path / "link.nii.gz", tmp_path / "hard.nii.gz"):
+        assert_one_line_input_error(io.check_outputs_apart, [output], [ct], match="an input is never replaced")
+
+
+def test_an_output_in_a_folder_read_as_one_scan_is_refused(tmp_path):
+    assert_one_line_input_error(io.check_outputs_apart, [tmp_path / "labels.nii.gz"], [tmp_path],
+                                match="lies in the input folder")
+    io.check_outputs_apart([tmp_path / "out" / "labels.nii.gz"], [tmp_path])  # a subfolder is not read
+
+
 # --------------------------------------------------------------------------- atomic writing
 
 
@@ -363,3 +451,128 @@ def test_write_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         io.write_json({"dice": float("nan")}, tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def random_labels() -> sitk.Image:
+    """A label map that compresses badly, so that its file is far larger than the full disk allows."""
+    return sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 3, (32, 64, 64)).astype(np.uint8))
+
+
+WRITERS = {
+    "nii": lambda path: io.write_image(ct_like(), path.with_suffix(".nii")),
+    "nii.gz": lambda path: io.write_image(ct_like(), path.with_suffix(".nii.gz")),
+    "nrrd": lambda path: io.write_image(ct_like(), path.with_suffix(".nrrd")),
+    "mha": lambda path: io.write_image(ct_like(), path.with_suffix(".mha")),
+    "seg.nrrd": lambda path: write_slicer_segmentation(random_labels(), path.with_suffix(".seg.nrrd")),
+    "json": lambda path: io.write_json({"values": list(range(20000))}, path.with_suffix(".json")),
+}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_short_write_on_a_full_disk_is_an_error_and_leaves_nothing(tmp_path, writer):
+    with file_size_limit(8000):  # every file is cut off after 8 kB, as on a disk that fills up
+        assert_one_line_input_error(WRITERS[writer], tmp_path / "out", match="cannot write the output")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_of_two_writers_racing_for_one_new_output_one_wins_and_the_other_is_refused(tmp_path):
+    path = tmp_path / "out.txt"
+    both_written = threading.Barrier(2)  # both past the existence check, both with a complete temp file
+
+    def writer(text: str) -> str:
+        def write(temp: Path) -> None:
+            temp.write_text(text)
+            both_written.wait(timeout=30)
+
+        try:
+            io.atomic_write(path, ".txt", False, write)
+            return text
+        except InputError as refusal:
+            return str(refusal)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(writer, ["first writer", "second writer"]))
+    winners = [result for result in results if result.endswith("writer")]
+    assert len(winners) == 1 and path.read_text() == winners[0]
+    assert "already exists" in next(result for result in results if result not in winners)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def refused(*args):
+    raise PermissionError(1, "Operation not permitted")
+
+
+def test_without_hard_links_an_existing_output_is_still_never_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "link", refused)  # as on FAT or some network shares
+    path = io.write_text("first", tmp_path / "out.txt")
+    assert_one_line_input_error(io.atomic_write, path, ".txt", False, lambda temp: temp.write_text("second"),
+                                match="already exists")
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_without_hard_links_a_failed_move_leaves_no_empty_file_at_the_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "link", refused)
+    monkeypatch.setattr(os, "replace", refused)
+    assert_one_line_input_error(io.write_text, "text", tmp_path / "out.txt", match="cannot write the output")
+    assert list(tmp_path.iterdir()) == []
+
+
+STALLED_WRITER = """
+import sys, time
+import SimpleITK as sitk
+from LiverTumorDARNLib import io
+
+def stall(image, path, **options):
+    open(path, "wb").write(b"half an image")
+    print("writing", flush=True)
+    time.sleep(600)
+
+sitk.WriteImage = stall
+io.write_image(sitk.Image(8, 8, 8, sitk.sitkUInt8), sys.argv[1])
+"""
+
+
+def start_stalled_writer(path: Path) -> subprocess.Popen:
+    writer = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    return writer
+
+
+def partial_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if ".partial-" in p.name}
+
+
+def test_a_write_removes_what_a_killed_writer_left_but_not_a_live_writers_temp_file(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    killed = start_stalled_writer(target)
+    killed.kill()  # kill -9 in the middle of the write
+    killed.wait()
+    left_by_the_killed = partial_files(tmp_path)
+    live = start_stalled_writer(target)
+    try:
+        held_by_the_live = partial_files(tmp_path) - left_by_the_killed
+        io.write_image(ct_like(), target)
+        assert partial_files(tmp_path) == held_by_the_live and len(left_by_the_killed) == 1
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_write_image_refuses_a_device_as_its_output_even_with_overwrite(tmp_path):
+    (tmp_path / "out.nii.gz").symlink_to(os.devnull)
+    assert_one_line_input_error(io.write_image, ct_like(), tmp_path / "out.nii.gz", True, match="not a regular file")
+
+
+def test_a_folder_with_a_file_in_its_place_is_found_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    assert_one_line_input_error(io.check_writable_folder, tmp_path / "a-file" / "out", match="a-file is a file")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_a_read_only_folder_is_found_before_any_work(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        assert_one_line_input_error(io.check_writable_folder, tmp_path / "new", match="cannot write in")
+    finally:
+        tmp_path.chmod(0o700)

@@ -113,13 +113,14 @@ def test_output_name_without_a_known_suffix_is_refused(tmp_path):
 
 def small_report() -> CaseReport:
     tumor = TumorMeasurement(1, 2.5, 18.2, (1.0, -2.0, 30.5), (10, 11, 12), 45.0)
-    return CaseReport(1500.0, 2.5, 0.167, [tumor])
+    return CaseReport(1500.0, 2.5, 0.167, [tumor], series_uid="1.2.3.4")
 
 
-def test_csv_report_has_one_row_per_tumor(tmp_path):
+def test_csv_report_has_one_row_per_tumor_with_the_series_it_was_read_from(tmp_path):
     with open(write_report(small_report(), tmp_path / "report.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["volume_ml"] == "2.5" and rows[0]["centroid_k"] == "12"
+    assert rows[0]["series_uid"] == "1.2.3.4"
 
 
 def test_json_report_holds_the_case_and_its_tumors(tmp_path):
@@ -127,12 +128,14 @@ def test_json_report_holds_the_case_and_its_tumors(tmp_path):
     assert data["liver_volume_ml"] == 1500.0 and data["tumors"][0]["longest_axial_diameter_mm"] == 18.2
 
 
-def test_segment_of_a_dicom_folder_writes_dicom_seg_and_report(models_dir, tmp_path, capsys):
+def test_segment_of_a_dicom_folder_writes_dicom_seg_and_a_report_naming_the_series(models_dir, tmp_path, capsys):
     source = ct_series(tmp_path / "ct")
-    assert main(["segment", str(source), "-o", str(tmp_path / "seg.dcm"), "--report", str(tmp_path / "r.csv"),
+    uid = pydicom.dcmread(next(source.iterdir())).SeriesInstanceUID
+    assert main(["segment", str(source), "-o", str(tmp_path / "seg.dcm"), "--report", str(tmp_path / "r.json"),
                  "--models", str(models_dir)]) == 0
     assert highdicom.seg.segread(tmp_path / "seg.dcm").NumberOfFrames > 0
-    assert (tmp_path / "r.csv").read_text().startswith("tumor_id,")
+    assert json.loads((tmp_path / "r.json").read_text())["series_uid"] == uid
+    assert f"DICOM series {uid}" in capsys.readouterr().out
 
 
 def test_segment_of_a_volume_file_to_dicom_seg_is_one_line_and_writes_nothing(models_dir, ct_file, tmp_path, capsys):

@@ -1,11 +1,15 @@
 """Bundled weights: export from a checkpoint, manifest bookkeeping, and the checksum gate before loading."""
 
+import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from adversity import release_readers
 from LiverTumorDARNLib import weights
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.models import build_model
@@ -189,3 +193,66 @@ def test_a_custom_folder_with_a_changed_weights_file_is_refused_before_any_segme
 
 def test_a_weights_folder_is_described_by_the_papers_name_of_its_darn_order(models_dir):
     assert describe_models(models_dir) == "DARN Spa+Sem"  # the test weights are spa_sem
+
+
+# ------------------------------------------------------------------------------ a manifest not to be trusted
+
+
+def tampered(models_dir, tmp_path, change) -> Path:
+    """A copy of ``models_dir`` whose manifest's tumor entry ``change(entry, folder)`` edited."""
+    folder = shutil.copytree(models_dir, tmp_path / "models")
+    manifest = load_manifest(folder)
+    change(manifest["models"]["tumor"], folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def outside_copy(entry: dict, folder) -> Path:
+    """The tumor weights copied out of the models folder, with their true checksum kept in the entry."""
+    outside = folder.parent / "outside"
+    outside.mkdir()
+    return Path(shutil.copy(folder / entry["file"], outside / "darn-tumor.pt"))
+
+
+@pytest.mark.parametrize("way_out", ["relative", "absolute", "link"])
+def test_a_manifest_may_name_only_files_in_its_own_folder(models_dir, tmp_path, monkeypatch, way_out):
+    def lead_out(entry, folder):
+        copy = outside_copy(entry, folder)
+        if way_out == "link":
+            (folder / "link.pt").symlink_to(copy)
+        entry["file"] = {"relative": "../outside/darn-tumor.pt", "absolute": str(copy), "link": "link.pt"}[way_out]
+
+    folder = tampered(models_dir, tmp_path, lead_out)
+    monkeypatch.setattr(weights, "file_sha256", lambda path: pytest.fail(f"{path} was read"))
+    with pytest.raises(InputError, match="lies outside the models folder"):
+        load_model(folder, "tumor")
+
+
+def test_a_manifest_entry_without_a_checksum_is_one_line(models_dir, tmp_path):
+    folder = tampered(models_dir, tmp_path, lambda entry, folder: entry.pop("sha256"))
+    with pytest.raises(InputError, match="the 'tumor' entry needs a \"file\" and its \"sha256\""):
+        load_model(folder, "tumor")
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"not a zip archive", "not a TorchScript file")],
+                         ids=["empty", "garbage"])
+def test_weights_that_match_their_checksum_but_do_not_load_are_one_line_naming_the_file(models_dir, tmp_path, content, message):
+    def replace_weights(entry, folder):
+        (folder / entry["file"]).write_bytes(content)
+        entry["sha256"] = hashlib.sha256(content).hexdigest()
+
+    folder = tampered(models_dir, tmp_path, replace_weights)
+    with pytest.raises(InputError, match=f"darn-tumor.pt: .*{message}") as refusal:
+        load_model(folder, "tumor")
+    assert "\n" not in str(refusal.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_manifest_that_is_a_pipe_is_refused_unread(tmp_path):
+    os.mkfifo(tmp_path / "manifest.json")
+    stop = release_readers(tmp_path / "manifest.json")
+    try:
+        with pytest.raises(InputError, match="not a regular file"):
+            load_manifest(tmp_path)
+    finally:
+        stop.set()

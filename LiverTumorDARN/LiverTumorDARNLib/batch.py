@@ -36,16 +36,19 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import image_stem, is_image_path, read_ct, read_image, write_json, write_text
+from .io import (check_outputs_apart, check_targets, check_writable_folder, image_stem, is_image_path, read_ct,
+                 read_image, write_json, write_text)
+from .labels import check_label_values
 from .outputs import FORMATS, check_source_fits, output_format, write_segmentation
 from .segmenter import Segmenter
 
 SUMMARY_NAME = "summary.csv"
 RECORD_SUFFIX = "_report.json"
+OUTPUT_MARK = "_segmentation"  # a case's output is CASE_segmentation.nii.gz (or the format's suffix)
 DONE, NO_LIVER, FAILED, RUNNING = "done", "no liver found", "failed", "running"
 FINISHED = (DONE, NO_LIVER)
 SUMMARY_COLUMNS = ("case", "status", "seconds", "liver_ml", "tumors", "tumor_ml", "tumor_burden_percent",
-                   "input", "output", "message")
+                   "input", "series_uid", "output", "message")
 
 
 @dataclasses.dataclass
@@ -64,7 +67,8 @@ class CaseRecord:
         report = self.report or {}
         return [self.case, self.status, round(self.seconds, 1), report.get("liver_volume_ml", ""),
                 len(report["tumors"]) if "tumors" in report else "", report.get("tumor_volume_ml", ""),
-                report.get("tumor_burden_percent", ""), self.input, self.output, self.message]
+                report.get("tumor_burden_percent", ""), self.input, report.get("series_uid") or "", self.output,
+                self.message]
 
 
 @dataclasses.dataclass
@@ -83,14 +87,34 @@ class Job:
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files and DICOM folders as given; a folder of volume files stands for its volumes, and a
-    folder holding only folders (one DICOM series folder per case) for those folders."""
+    folder holding only folders (one DICOM series folder per case) for those folders. Hidden files
+    and what a batch wrote into a folder (:func:`_written_by_a_batch`) are never inputs, so an
+    output folder may be the input folder."""
     expanded = []
     for path in inputs:
-        entries = sorted(path.iterdir()) if path.is_dir() else []
-        volumes = [p for p in entries if p.is_file() and is_image_path(p) and not p.name.lower().startswith("segmentation")]
-        case_folders = [p for p in entries if p.is_dir()] if entries and all(p.is_dir() for p in entries) else []
+        try:
+            entries = _inputs_in(path) if path.is_dir() else []
+            volumes = [p for p in entries if p.is_file() and is_image_path(p) and not p.name.lower().startswith("segmentation")]
+            case_folders = [p for p in entries if p.is_dir()] if entries and all(p.is_dir() for p in entries) else []
+        except OSError as error:
+            raise InputError(f"{path}: cannot read it ({error.strerror or error})") from None
         expanded.extend(volumes or case_folders or [path])
     return expanded
+
+
+def _inputs_in(folder: Path) -> list[Path]:
+    """The entries of a folder that may be inputs: not hidden, not written by a batch."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not _written_by_a_batch(p))
+
+
+def _written_by_a_batch(path: Path) -> bool:
+    """The summary, a case's record, or a case's output beside its record."""
+    if path.name == SUMMARY_NAME or path.name.endswith(RECORD_SUFFIX):
+        return True
+    for suffix in (*FORMATS.values(), ".nii"):
+        if path.name.endswith(OUTPUT_MARK + suffix):
+            return (path.parent / f"{path.name[: -len(OUTPUT_MARK + suffix)]}{RECORD_SUFFIX}").exists()
+    return False
 
 
 def is_single_case(inputs: list[Path], output: Path) -> bool:
@@ -115,8 +139,7 @@ def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, i
 
     fmt = output_format(target, job.fmt)
     check_source_fits(fmt, source, target, job.series_uid)
-    if target.exists() and not job.overwrite:
-        raise InputError(f"{target} exists; allow overwriting to replace it", option="overwrite")
+    check_targets([target], [source, mask], job.overwrite)
     ct = read_ct(source, job.series_uid)
     labels = sitk.GetArrayFromImage(_matching_labels(read_image(mask), ct, mask))
     refiner = Refiner.load(job.models_dir, job.device)
@@ -141,9 +164,7 @@ def _matching_labels(labels: sitk.Image, ct: sitk.Image, path: Path) -> sitk.Ima
                  and np.allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-4))
     if not same_grid:
         raise InputError(f"{path}: the mask is not on the CT's voxel grid (size, spacing, origin and direction must match)")
-    values = np.unique(sitk.GetArrayViewFromImage(labels))
-    if not set(values.tolist()) <= {0, 1, 2}:
-        raise InputError(f"{path}: a mask holds 0 background, 1 liver, 2 tumor; found {values.tolist()[:6]}")
+    check_label_values(sitk.GetArrayViewFromImage(labels), str(path))
     return sitk.Cast(labels, sitk.sitkUInt8)
 
 
@@ -157,6 +178,7 @@ def segment_batch(inputs: list[Path], out_dir: Path, job: Job,
         raise InputError("a series UID picks a series of one DICOM folder; give one input and an output file",
                          option="series_uid")
     cases = _cases(expand_inputs(inputs), out_dir, job.fmt or "nifti")
+    check_outputs_apart([target for _, _, target in cases], [source for _, source, _ in cases])
     for _, source, target in cases:
         check_source_fits(job.fmt or "nifti", source, target)
     _check_writable_folder(out_dir)
@@ -196,7 +218,7 @@ def _cases(inputs: list[Path], out_dir: Path, fmt: str) -> list[tuple[str, Path,
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InputError(f"several inputs are named {duplicates[0]}; their outputs would overwrite each other in {out_dir}")
-    return [(name, path, out_dir / f"{name}_segmentation{FORMATS[fmt]}") for name, path in zip(names, inputs)]
+    return [(name, path, out_dir / f"{name}{OUTPUT_MARK}{FORMATS[fmt]}") for name, path in zip(names, inputs)]
 
 
 def _refuse_foreign_outputs(cases, out_dir: Path) -> None:
@@ -211,12 +233,8 @@ def _check_writable_folder(out_dir: Path) -> None:
     """Fail before the first case, not after each one, when the outputs cannot be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file; give a folder for the outputs of several inputs")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"{out_dir}: output folder is not writable")
+    check_writable_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _run_case(name: str, source: Path, target: Path, out_dir: Path, segmenter: Segmenter, job: Job) -> CaseRecord:

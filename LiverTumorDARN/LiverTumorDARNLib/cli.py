@@ -1,7 +1,8 @@
 """The ``livertumordarn`` command: argument parsing only; the work lives in the core modules.
 
-A user mistake (``InputError``) becomes one line on stderr and exit status 2; Ctrl-C becomes
-exit status 130. Anything else is a bug and keeps its traceback.
+A user mistake (``InputError``) or the file system's refusal (``OSError``: no permission, an I/O
+error) becomes one line on stderr and exit status 2; Ctrl-C becomes exit status 130. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _picture(args: argparse.Namespace) -> int:
-    from .io import read_ct, read_image
+    from .io import check_outputs_apart, read_ct, read_image
     from .picture import axial_overlay, save_png
 
+    check_outputs_apart([args.output], [args.volume, args.labels])
     if args.output.exists() and not args.overwrite:
         raise InputError(f"{args.output} exists; pass --overwrite to replace it")
     ct, labels = read_ct(args.volume), read_image(args.labels)
@@ -57,6 +59,8 @@ def _segment(args: argparse.Namespace) -> int:
         segmenter = Segmenter(args.models, args.device, args.min_tumor_confidence, on_message=_say)
         result, report = segmenter.segment_file(args.inputs[0], args.output, args.format, args.series_uid,
                                                 args.overwrite, args.report, _stage_progress())
+        if report.series_uid:
+            print(f"DICOM series {report.series_uid}")
         print(format_report(report) if result.liver_found else f"{args.inputs[0]}: no liver found; the label map is empty")
         print(f"wrote {args.output}" + (f" and {args.report}" if args.report else ""))
         return 0
@@ -276,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--format", choices=tuple(FORMATS), help="output format (default: by the output "
                          "file name; nifti for a batch)")
     segment.add_argument("--series-uid", help="the DICOM series to read when a folder holds several "
-                         "(default: the axial CT series with the most slices)")
+                         "(default: the axial CT series with the most slices; two with as many are refused)")
     segment.add_argument("--report", type=Path, metavar="FILE", help="also write the per-tumor report "
                          "(.csv one row per tumor, .json everything)")
     segment.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -348,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except InputError as error:
         print(f"{PROGRAM}: error: {error}{_flag_hint(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # met where no check turned it into an InputError first
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{PROGRAM}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted; finished files are complete, nothing half-written is left",

@@ -10,23 +10,30 @@ project relies on:
   label map overlays the CT in any viewer;
 * user mistakes (missing file, truncated file, MR instead of CT, 2D image, ...) become one-line
   :class:`InputError` messages that name the path, instead of ITK's multi-line C++ traces;
-* outputs are written atomically, so an interrupted run never leaves a half-written file that
-  looks finished.
+* outputs are written atomically and read back before they take their name, so neither an
+  interrupted run nor a full disk leaves a half-written file that looks finished, and an existing
+  file is replaced only when asked (not even by another writer racing for the same name);
+* an output never replaces an input, and the output folder is checked before the long work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import gzip
 import json
 import math
 import os
 import re
 import secrets
+import socket
+import stat
 import struct
+import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,6 +73,10 @@ SPACING_LIMITS_MM = (0.05, 20.0)
 
 HU_LIMITS = (-32768.0, 32767.0)
 """Hounsfield values are stored as 16-bit signed integers by every scanner."""
+
+SERIES_UID_KEY = "0020|000e"
+"""Metadata key (ITK's spelling of the DICOM tag Series Instance UID) under which :func:`read_image`
+keeps the series it read from a DICOM folder, so the report can say which one it was."""
 
 _PERCENTILE_SAMPLES = 1_000_000
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -117,22 +128,42 @@ def read_image(path: PathLike, series_uid: str | None = None) -> sitk.Image:
     that file.
 
     The pixel type is kept as stored (a label map must stay integer); raises :class:`InputError`
-    for anything that is not a readable 3D scalar volume.
+    for anything that is not a readable 3D scalar volume, and for a pipe or device (reading one
+    could block forever) before it is opened.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder")
-    image = _read_folder(path, series_uid) if path.is_dir() else _read_file(path)
+    try:
+        image = _read_folder(path, series_uid) if _is_folder(path) else _read_file(path)
+    except OSError as error:  # permission denied, an I/O error: the file system, not the image
+        raise InputError(f"{error.filename or path}: cannot read it ({error.strerror or error})") from None
     _check_3d_scalar(image, str(path))
     return image
 
 
+def source_series_uid(image: sitk.Image) -> str | None:
+    """The Series Instance UID of the DICOM series ``image`` was read from; None for a volume file."""
+    return image.GetMetaData(SERIES_UID_KEY) if image.HasMetaDataKey(SERIES_UID_KEY) else None
+
+
+def _is_folder(path: Path) -> bool:
+    """True for a folder, False for a regular file; InputError for a missing path or a special file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or folder; give a CT volume file ({', '.join(IMAGE_SUFFIXES)}) or a DICOM series folder") from None
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device); give a CT volume file or a DICOM series folder")
+    return stat.S_ISDIR(mode)
+
+
 def _read_file(path: Path) -> sitk.Image:
-    """Read one image file, turning ITK's failures (and silent NIfTI truncation) into InputError."""
+    """Read one image file, turning ITK's failures (and what its NIfTI reader hides) into InputError."""
     if not is_image_path(path):
         raise InputError(f"{path}: not a supported image file; expected one of {', '.join(IMAGE_SUFFIXES)} or a folder holding a DICOM series")
+    with open(path, "rb"):  # an unreadable file fails here with its OSError, not with ITK's guess
+        pass
     if _suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -145,7 +176,10 @@ def _read_folder(folder: Path, series_uid: str | None) -> sitk.Image:
 
     series = dicom.list_series(folder)
     if series or series_uid is not None:
-        return dicom.read_series(folder, dicom.choose_series(folder, series, series_uid))
+        chosen = dicom.choose_series(folder, series, series_uid)
+        image = dicom.read_series(folder, chosen)
+        image.SetMetaData(SERIES_UID_KEY, chosen.uid)
+        return image
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_path(p))
     if len(files) == 1:
         return _read_file(files[0])
@@ -161,47 +195,105 @@ def _check_3d_scalar(image: sitk.Image, label: str) -> None:
         raise InputError(f"{label}: pixels are '{image.GetPixelIDTypeAsString()}' with {image.GetNumberOfComponentsPerPixel()} components; expected one scalar value per voxel (grey-level CT)")
 
 
-# NIfTI: ITK's reader silently zero-fills the missing part of a truncated .nii / .nii.gz (seen with
-# SimpleITK 2.5 / ITK 5.4), so compare the data length with what the header promises.
+# NIfTI: ITK's reader (SimpleITK 2.5 / ITK 5.4) hides three faults of a file: it zero-fills the
+# missing part of a truncated file, reads NaN and infinite voxels as 0, and reads a voxel size of 0
+# as 1 mm. The header and the data are read here first, so each is refused instead.
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes promised by a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+@dataclasses.dataclass(frozen=True)
+class _NiftiHeader:
+    endian: str
+    shape: tuple[int, ...]  # dim[1] .. dim[dim[0]]
+    datatype: int
+    bitpix: int
+    offset: int  # where the voxels start
+    spacing: tuple[float, ...]  # pixdim of the first three axes
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(max(d, 1) for d in self.shape) * self.bitpix // 8
+
+    @property
+    def float_dtype(self) -> np.dtype | None:
+        code = _NIFTI_FLOAT_TYPES.get(self.datatype)
+        return np.dtype(self.endian + code) if code else None
+
+
+def _nifti_header(raw: bytes) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1 or NIfTI-2 header that locate and describe the voxels, or None."""
     for endian in "<>":
-        if len(header) >= 348 and struct.unpack_from(endian + "i", header, 0)[0] == 348:
-            dims = struct.unpack_from(endian + "8h", header, 40)
-            bitpix = struct.unpack_from(endian + "h", header, 72)[0]
-            offset = int(struct.unpack_from(endian + "f", header, 108)[0])
+        size = struct.unpack_from(endian + "i", raw, 0)[0] if len(raw) >= 4 else 0
+        if size == 348 and len(raw) >= 348:
+            dims = struct.unpack_from(endian + "8h", raw, 40)
+            datatype, bitpix = struct.unpack_from(endian + "2h", raw, 70)
+            pixdim = struct.unpack_from(endian + "8f", raw, 76)
+            offset = max(int(struct.unpack_from(endian + "f", raw, 108)[0]), 348)
             break
-        if len(header) >= 540 and struct.unpack_from(endian + "i", header, 0)[0] == 540:
-            bitpix = struct.unpack_from(endian + "h", header, 14)[0]
-            dims = struct.unpack_from(endian + "8q", header, 16)
-            offset = struct.unpack_from(endian + "q", header, 168)[0]
+        if size == 540 and len(raw) >= 540:
+            datatype, bitpix = struct.unpack_from(endian + "2h", raw, 12)
+            dims = struct.unpack_from(endian + "8q", raw, 16)
+            pixdim = struct.unpack_from(endian + "8d", raw, 104)
+            offset = max(struct.unpack_from(endian + "q", raw, 168)[0], 540)
             break
     else:
         return None
     if not 1 <= dims[0] <= 7:
         return None
-    return max(offset, 348) + math.prod(max(d, 1) for d in dims[1 : dims[0] + 1]) * bitpix // 8
+    return _NiftiHeader(endian, tuple(dims[1 : dims[0] + 1]), datatype, bitpix, offset,
+                        tuple(pixdim[1 : min(dims[0], 3) + 1]))
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise InputError when a NIfTI file is shorter than its header says (or its gzip is broken)."""
-    compressed = _suffix(path) == ".nii.gz"
+def _nifti_contents(path: Path) -> tuple[_NiftiHeader | None, int, int]:
+    """(header, voxel bytes present, NaN or infinite voxels among them) of a .nii or .nii.gz file.
+
+    Raises EOFError, OSError or zlib.error when the file cannot be read or its gzip stream is cut off.
+    """
+    opener = gzip.open if _suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        header = _nifti_header(f.read(540))
+        if header is None:
+            return None, 0, 0
+        f.seek(header.offset)
+        present, non_finite, dtype = 0, 0, header.float_dtype
+        while present < header.data_bytes and (chunk := f.read(min(1 << 24, header.data_bytes - present))):
+            present += len(chunk)
+            if dtype is not None:
+                voxels = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype)
+                non_finite += int(np.count_nonzero(~np.isfinite(voxels)))
+    return header, present, non_finite
+
+
+def _check_nifti(path: Path) -> None:
+    """Raise InputError for what ITK's NIfTI reader would hide (see above) or misreport."""
+    if _suffix(path) == ".nii.gz" and not _starts_with(path, _GZIP_MAGIC) and _starts_like_nifti(path):
+        raise InputError(f"{path}: the file is an uncompressed NIfTI although its name ends in .nii.gz; rename it to .nii")
     try:
-        if not compressed:
-            with open(path, "rb") as f:
-                expected, actual = _nifti_expected_bytes(f.read(540)), os.path.getsize(path)
-        else:
-            with gzip.open(path, "rb") as f:
-                expected, actual = _nifti_expected_bytes(f.read(540)), 0
-                f.seek(0)
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
+        header, present, non_finite = _nifti_contents(path)
     except (EOFError, OSError, zlib.error) as error:
         raise InputError(f"{path}: file is truncated or corrupt ({error}); re-export or re-download it") from None
-    if expected is not None and actual < expected:
-        raise InputError(f"{path}: file is truncated: {actual} bytes of data where the NIfTI header needs {expected}; re-export or re-download it")
+    if header is None:
+        return  # not NIfTI at all: ITK's own message says so
+    if not all(math.isfinite(s) and s > 0 for s in header.spacing):
+        raise InputError(f"{path}: the NIfTI header gives a voxel size of {' x '.join(f'{s:g}' for s in header.spacing)} mm, "
+                         f"and a size must be above 0 (ITK would read 0 as 1 mm); fix the header's pixdim")
+    if present < header.data_bytes:
+        raise InputError(f"{path}: file is truncated: {header.offset + present} bytes where the NIfTI header needs "
+                         f"{header.offset + header.data_bytes}; re-export or re-download it")
+    if non_finite:
+        raise InputError(_non_finite_message(str(path), non_finite, header.data_bytes * 8 // header.bitpix))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _starts_like_nifti(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return _nifti_header(f.read(540)) is not None
 
 
 # --------------------------------------------------------------------------- CT plausibility
@@ -240,8 +332,10 @@ def _check_size(image: sitk.Image, label: str) -> None:
 def _check_spacing(image: sitk.Image, label: str) -> None:
     """Reject voxel sizes no CT has: usually a header written in metres or with a unit lost."""
     low, high = SPACING_LIMITS_MM
+    spacing = " x ".join(f"{s:g}" for s in image.GetSpacing())
+    if not all(s > 0 for s in image.GetSpacing()):
+        raise InputError(f"{label}: voxel spacing {spacing} mm, and a voxel size must be above 0; fix the header")
     if not all(low <= s <= high for s in image.GetSpacing()):
-        spacing = " x ".join(f"{s:g}" for s in image.GetSpacing())
         raise InputError(f"{label}: voxel spacing {spacing} mm is outside {low:g}..{high:g} mm, which no CT has; "
                          f"check the header's units (metres instead of millimetres?)")
 
@@ -252,7 +346,13 @@ def _check_finite(voxels: np.ndarray, label: str) -> None:
         return
     bad = int(np.count_nonzero(~np.isfinite(voxels)))
     if bad:
-        raise InputError(f"{label}: {bad} voxel(s) are NaN or infinite; expected finite Hounsfield values")
+        raise InputError(_non_finite_message(label, bad, voxels.size))
+
+
+def _non_finite_message(label: str, bad: int, total: int) -> str:
+    if bad == total:
+        return f"{label}: every voxel is NaN or infinite: the file holds no image (a failed export or conversion?)"
+    return f"{label}: {bad} voxel(s) are NaN or infinite; expected finite Hounsfield values"
 
 
 def _sample(voxels: np.ndarray) -> np.ndarray:
@@ -342,8 +442,9 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     """Write ``image`` atomically to ``path`` and return the path.
 
     The data goes to a hidden temp file in the same folder (same extension, so SimpleITK picks the
-    same format) and is renamed onto ``path`` only when complete: a crash never leaves a partial
-    file under the real name. An existing file is refused unless ``overwrite``.
+    same format) and is read back before it takes the real name (:func:`atomic_write`): ITK's NIfTI
+    writer reports a short write (a full disk) only on the console and returns as if it had
+    succeeded. An existing file is refused unless ``overwrite``.
     """
     path = Path(path)
     suffix = _suffix(path)
@@ -353,10 +454,28 @@ def write_image(image: sitk.Image, path: PathLike, overwrite: bool = False) -> P
     def write(temp: Path) -> None:
         try:
             sitk.WriteImage(image, str(temp), useCompression=suffix in _COMPRESSED_SUFFIXES)
-        except RuntimeError as error:
-            raise InputError(f"{path}: cannot write the image: {_itk_message(error)}") from None
+        except RuntimeError as error:  # the reason names the temp file: show the user's name instead
+            reason = _itk_message(error).replace(str(temp), str(path))
+            raise InputError(f"{path}: cannot write the output: {reason}") from None
 
-    return atomic_write(path, suffix, overwrite, write)
+    return atomic_write(path, suffix, overwrite, write, lambda temp: _image_file_problem(temp, image))
+
+
+def _image_file_problem(written: Path, image: sitk.Image) -> str | None:
+    """What is wrong with an image file just written, found by reading it back; None if nothing."""
+    try:
+        if _suffix(written) in (".nii", ".nii.gz"):  # ITK's reader would zero-fill a short file
+            header, present, _ = _nifti_contents(written)
+            if header is None:
+                return "the written file has no complete NIfTI header"
+            if present < header.data_bytes:
+                return f"only {header.offset + present} of {header.offset + header.data_bytes} bytes reached the disk"
+        back = sitk.ReadImage(str(written))
+    except RuntimeError as error:
+        return f"the written file cannot be read back ({_itk_message(error)})"
+    if back.GetSize() != image.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+        return "the file read back holds other voxels than were written"
+    return None
 
 
 def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
@@ -368,39 +487,190 @@ def write_json(data: Any, path: PathLike, overwrite: bool = False) -> Path:
 
 
 def write_text(text: str, path: PathLike, overwrite: bool = False) -> Path:
-    """Write UTF-8 text atomically like :func:`write_image`, flushed to disk before the rename."""
+    """Write UTF-8 text atomically like :func:`write_image`; its size on disk is checked before the rename."""
     path = Path(path)
-
-    def write(temp: Path) -> None:
-        with open(temp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return atomic_write(path, path.suffix, overwrite, write)
+    data = text.encode("utf-8")
+    return atomic_write(path, path.suffix, overwrite, lambda temp: temp.write_bytes(data),
+                        lambda temp: _size_problem(temp, len(data)))
 
 
-def atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temp file next to ``path``, then rename it onto ``path``; clean up on failure.
+def _size_problem(written: Path, expected_bytes: int) -> str | None:
+    actual = written.stat().st_size
+    return None if actual == expected_bytes else f"only {actual} of {expected_bytes} bytes reached the disk"
 
-    The temp file keeps ``suffix``, for writers that choose the format by the file name.
+
+def atomic_write(path: Path, suffix: str, overwrite: bool, write: Callable[[Path], None],
+                 problem: Callable[[Path], str | None] = lambda written: None) -> Path:
+    """Run ``write`` on a temp file next to ``path``, check it, then give it the name ``path``.
+
+    * The temp file is flushed to the disk and ``problem(temp)`` reads it back (None: all there),
+      so a short write (a full disk, a quota) is an error, never a truncated file at ``path``.
+    * Without ``overwrite`` the file takes the name only if the name is free at that instant
+      (:func:`_claim_name`): of two writers racing for one new output, one wins, the other is refused.
+    * The temp file keeps ``suffix`` (writers choose the format by the file name) and names this
+      machine and process, so that a later write of ``path`` can remove what a killed run left
+      (:func:`remove_stale_partials`). A crash never leaves a partial file under the real name.
     """
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name for the output")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: output file already exists; choose another name or allow overwriting")
+    _check_output_name(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"{path}: cannot create the output folder {path.parent} ({error.strerror or error}); is a file in the way, or the location read-only?") from None
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    temp = path.with_name(f".{stem}.partial-{secrets.token_hex(6)}{suffix}")
+    remove_stale_partials(path, suffix)
+    temp = path.with_name(f".{_stem(path, suffix)}.partial-{_MACHINE}-{os.getpid()}-{secrets.token_hex(6)}{suffix}")
     try:
         write(temp)
-        os.replace(temp, path)
+        _flush_to_disk(temp)
+        found = _read_back(temp, problem)
+        if found:
+            raise InputError(f"{path}: cannot write the output: {found} (is the disk full?)")
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            _claim_name(temp, path)
     except OSError as error:
         raise InputError(f"{path}: cannot write the output: {error.strerror or error}") from None
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
     return path
+
+
+def _read_back(written: Path, problem: Callable[[Path], str | None]) -> str | None:
+    try:
+        return problem(written)
+    except Exception as error:  # whatever a reader raises on the file, the file is not what was meant
+        return f"the written file cannot be read back ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+
+
+def _check_output_name(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (a pipe or device); give a file name for the output")
+    if path.exists() and not overwrite:
+        raise _exists(path)
+
+
+def _exists(path: Path) -> InputError:
+    return InputError(f"{path}: output file already exists; choose another name or allow overwriting", option="overwrite")
+
+
+def _stem(path: Path, suffix: str) -> str:
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync, so that a write the disk refuses late (delayed allocation on a full disk) fails here."""
+    fd = os.open(path, os.O_RDWR)  # Windows flushes only handles open for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _claim_name(temp: Path, path: Path) -> None:
+    """Give ``temp`` the name ``path`` unless a file has it, in one step: no check-then-rename race."""
+    try:
+        os.link(temp, path)  # refused if the name is taken at this instant; the caller removes temp
+        return
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError:
+        pass  # a file system without hard links (FAT, some network shares): claim the name instead
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise _exists(path) from None
+    try:
+        os.replace(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # the empty claim is ours: leave no empty file behind
+            path.unlink()
+        raise
+
+
+_MACHINE = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32] or "machine"
+"""This machine's name in temp file names: a process id means something only on its own machine."""
+
+
+def remove_stale_partials(path: Path, suffix: str) -> None:
+    """Delete the temp files of ``path`` that killed runs on this machine left behind.
+
+    A temp file is stale when the process named in it is gone. Those of a live writer (a concurrent
+    run) or of another machine (a shared folder) are kept, as is everything on Windows, which has
+    no harmless way to ask whether a process runs.
+    """
+    if os.name == "nt":
+        return
+    stem = _stem(path, suffix)
+    ours = re.compile(rf"\.{re.escape(stem)}\.partial-{re.escape(_MACHINE)}-(\d+)-[0-9a-f]{{12}}{re.escape(suffix)}")
+    for candidate in path.parent.glob(f".{glob.escape(stem)}.partial-*"):
+        match = ours.fullmatch(candidate.name)
+        if match and not _process_runs(int(match[1])):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse, before any long work, a folder where no output can be written: a file in its place,
+    a read-only location, no permission. A folder not made yet is tried where it would be made."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{folder}: cannot create the output folder ({existing} is a file)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"{folder}: cannot write in {existing} ({error.strerror or error}); is the location read-only?") from None
+
+
+def check_targets(outputs: Iterable[PathLike], inputs: Iterable[PathLike], overwrite: bool) -> None:
+    """Everything about the outputs that can be known before the work: none is an input, none
+    exists unless overwriting is allowed, and their folders can be written."""
+    outputs = [Path(p) for p in outputs]
+    check_outputs_apart(outputs, inputs)
+    for path in outputs:
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists; allow overwriting to replace it", option="overwrite")
+    for folder in dict.fromkeys(path.parent for path in outputs):
+        check_writable_folder(folder)
+
+
+def check_outputs_apart(outputs: Iterable[PathLike], inputs: Iterable[PathLike]) -> None:
+    """Refuse, whatever the flags, an output that is one of the inputs (by path, link or hard link)
+    or lands directly in an input folder, which is read as one scan (a DICOM series, a folder of
+    one volume): nothing the user gave is replaced, or changed before it is read again."""
+    files, folders, inodes = {}, {}, {}
+    for source in map(Path, inputs):
+        if source.is_dir():
+            folders[source.resolve()] = source
+        else:
+            files[source.resolve()] = source
+            with contextlib.suppress(OSError):
+                inodes[_inode(source)] = source
+    for output in map(Path, outputs):
+        where = output.resolve()
+        same = files.get(where) or (inodes.get(_inode(output)) if output.is_file() else None)
+        if same is not None:
+            raise InputError(f"{output}: would replace the input {same}; an input is never replaced, whatever the "
+                             f"options: write the output to another file")
+        if where.parent in folders:
+            raise InputError(f"{output}: lies in the input folder {folders[where.parent]}, which is read as one scan; "
+                             f"write the output elsewhere")
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino

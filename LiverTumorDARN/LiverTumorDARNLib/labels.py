@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
+from .errors import InputError
+
 BACKGROUND, LIVER, TUMOR = 0, 1, 2
 
 
@@ -40,3 +44,16 @@ SEGMENTS = (
     Segment(TUMOR, "Liver tumor", (144, 238, 144), Code("SCT", "49755003", "Morphologically Altered Structure"),
             Code("SCT", "108369006", "Neoplasm"), anatomic_region=LIVER_CODE),
 )
+
+
+def check_label_values(voxels: np.ndarray, where: str) -> None:
+    """Refuse a map holding values other than 0, 1 and 2 (another program's labels, an interpolated
+    map, a CT given by mistake) instead of editing or scoring it as if it were one of ours."""
+    if np.issubdtype(voxels.dtype, np.integer):
+        valid = voxels.size == 0 or (voxels.min() >= BACKGROUND and voxels.max() <= TUMOR)
+    else:
+        valid = bool(np.isin(voxels, (BACKGROUND, LIVER, TUMOR)).all())
+    if not valid:
+        values = np.unique(voxels)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        raise InputError(f"{where}: a label map holds {BACKGROUND} background, {LIVER} liver, {TUMOR} tumor; found {shown}")

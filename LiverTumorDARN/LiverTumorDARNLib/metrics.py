@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import IMAGE_SUFFIXES, image_stem, is_image_path, read_image
-from .labels import LIVER, TUMOR
+from .labels import LIVER, TUMOR, check_label_values
 
 GEOMETRY_TOLERANCE = 1e-3
 DETECTION_IOU = 0.5  # Bilic et al. count a lesion as detected above IoU 0.5.
@@ -230,12 +230,10 @@ def _evaluate_pair(case_id: str, truth_path: Path, prediction_path: Path) -> Cas
     """Read, check and evaluate one pair; the images die with this frame, bounding peak memory."""
     truth_image, prediction_image = read_image(truth_path), read_image(prediction_path)
     _check_same_geometry(case_id, truth_image, prediction_image)
-    return evaluate_case(
-        sitk.GetArrayFromImage(truth_image),
-        sitk.GetArrayFromImage(prediction_image),
-        truth_image.GetSpacing(),
-        case_id,
-    )
+    truth, prediction = sitk.GetArrayFromImage(truth_image), sitk.GetArrayFromImage(prediction_image)
+    check_label_values(truth, str(truth_path))
+    check_label_values(prediction, str(prediction_path))
+    return evaluate_case(truth, prediction, truth_image.GetSpacing(), case_id)
 
 
 def _check_same_geometry(case_id: str, truth: sitk.Image, prediction: sitk.Image) -> None:

@@ -88,8 +88,13 @@ def write_slicer_segmentation(labels: sitk.Image, path: Path, overwrite: bool = 
         slicerio.add_segment(segmentation, voxels == segment.label, {
             "id": segment.name.replace(" ", "_"), "name": segment.name,
             "color": [c / 255 for c in segment.color], "terminology": _slicer_terminology(segment)})
+
+    def problem(written: Path) -> str | None:
+        back = slicerio.read_segmentation(str(written))["voxels"]
+        return None if np.array_equal(back, segmentation["voxels"]) else "the file read back holds other voxels than were written"
+
     return atomic_write(Path(path), ".seg.nrrd", overwrite,
-                        lambda temp: slicerio.write_segmentation(str(temp), segmentation))
+                        lambda temp: slicerio.write_segmentation(str(temp), segmentation), problem)
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -139,7 +144,12 @@ def write_dicom_seg(labels: sitk.Image, path: Path, source: Path, series_uid: st
         sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="LiverTumorDARN",
         manufacturer_model_name="DARN cascade", software_versions=__version__, device_serial_number="none",
         omit_empty_frames=False)
-    return atomic_write(Path(path), Path(path).suffix, overwrite, lambda temp: seg.save_as(temp))
+
+    def problem(written: Path) -> str | None:
+        back = pydicom.dcmread(written)
+        return None if back.get("PixelData") == seg.PixelData else "the file read back lacks the segments' pixels"
+
+    return atomic_write(Path(path), Path(path).suffix, overwrite, lambda temp: seg.save_as(temp), problem)
 
 
 def _segment_descriptions(highdicom) -> list:

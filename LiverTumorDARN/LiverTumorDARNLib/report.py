@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .errors import InputError
-from .io import to_canonical, write_json, write_text
+from .io import source_series_uid, to_canonical, write_json, write_text
 from .labels import TUMOR
 
 
@@ -41,6 +41,7 @@ class CaseReport:
     tumor_volume_ml: float
     tumor_burden_percent: float
     tumors: list[TumorMeasurement]
+    series_uid: str | None = None  # the DICOM series the CT was read from; None for a volume file
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +75,7 @@ def measure(ct: sitk.Image, labels: sitk.Image) -> CaseReport:
     liver_ml = float(np.count_nonzero(label_array)) * voxel_ml
     tumor_ml = float(sizes.sum()) * voxel_ml
     return CaseReport(round(liver_ml, 2), round(tumor_ml, 3),
-                      round(100 * tumor_ml / liver_ml, 3) if liver_ml else 0.0, tumors)
+                      round(100 * tumor_ml / liver_ml, 3) if liver_ml else 0.0, tumors, source_series_uid(ct))
 
 
 def longest_axial_diameter(mask: np.ndarray, spacing_xy) -> float:
@@ -113,20 +114,27 @@ def format_report(report: CaseReport) -> str:
 REPORT_SUFFIXES = (".csv", ".json")
 
 TUMOR_COLUMNS = ("tumor_id", "volume_ml", "longest_axial_diameter_mm", "mean_hu",
-                 "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k")
+                 "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "centroid_i", "centroid_j", "centroid_k",
+                 "series_uid")
+
+
+def report_format(path: Path) -> str:
+    """The report's format by its file name (checked before the work, not after it)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in REPORT_SUFFIXES:
+        raise InputError(f"{path}: a report is written as {' or '.join(REPORT_SUFFIXES)}")
+    return suffix
 
 
 def write_report(report: CaseReport, path: Path, overwrite: bool = False) -> Path:
     """Write the report atomically: JSON holds everything, CSV one row per tumor (for spreadsheets)."""
     path = Path(path)
-    if path.suffix.lower() == ".json":
+    if report_format(path) == ".json":
         return write_json(report.as_dict(), path, overwrite)
-    if path.suffix.lower() != ".csv":
-        raise InputError(f"{path}: a report is written as {' or '.join(REPORT_SUFFIXES)}")
     text = text_io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(TUMOR_COLUMNS)
     for tumor in report.tumors:
         writer.writerow([tumor.id, tumor.volume_ml, tumor.longest_axial_diameter_mm, tumor.mean_hu,
-                         *tumor.centroid_mm, *tumor.centroid_ijk])
+                         *tumor.centroid_mm, *tumor.centroid_ijk, report.series_uid or ""])
     return write_text(text.getvalue(), path, overwrite)

@@ -23,10 +23,10 @@ import SimpleITK as sitk
 import torch
 
 from .errors import InputError
-from .io import check_ct, read_ct
+from .io import check_ct, check_targets, read_ct
 from .outputs import check_source_fits, output_format, write_segmentation
 from .pipeline import Segmentation, load_stages, resolve_device, segment
-from .report import CaseReport, measure, write_report
+from .report import CaseReport, measure, report_format, write_report
 from .weights import bundled_models_dir
 
 PathLike = Union[str, Path]
@@ -80,9 +80,9 @@ class Segmenter:
         report_path = Path(report) if report is not None else None
         fmt = output_format(target, fmt)
         check_source_fits(fmt, source, target, series_uid)
-        for path in (target, report_path):
-            if path is not None and path.exists() and not overwrite:
-                raise InputError(f"{path} exists; allow overwriting to replace it", option="overwrite")
+        if report_path is not None:
+            report_format(report_path)  # a wrong suffix is refused now, not after the work
+        check_targets([target] if report_path is None else [target, report_path], [source], overwrite)
         ct = read_ct(source, series_uid)
         result = self._segment(ct, progress)
         write_segmentation(result.labels, target, fmt, source, series_uid, overwrite)

@@ -26,13 +26,10 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import pickle
 import re
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +58,8 @@ def bundled_models_dir() -> Path:
 def load_manifest(models_dir: Path) -> dict:
     """The manifest of a models folder; InputError when it is missing or not format 1."""
     path = Path(models_dir) / MANIFEST_NAME
+    if path.exists() and not path.is_file():  # a pipe would block the read
+        raise InputError(f"{path}: not a regular file; a weights manifest is a JSON file")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -83,28 +82,51 @@ def file_sha256(path: Path) -> str:
 def load_model(models_dir: Path, name: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
     """The TorchScript model ``name`` of the manifest, in eval mode on ``device``, and its entry.
 
-    The file's SHA-256 must match the manifest before it is loaded (see the module docstring).
+    The file must lie in ``models_dir`` and its SHA-256 match the manifest before it is loaded (see
+    the module docstring).
     """
     import torch
 
     models = load_manifest(models_dir)["models"]
     path = _verified_file(Path(models_dir), models, name)
-    module = torch.jit.load(str(path), map_location=device)
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a TorchScript file PyTorch can load ({reason}); export the weights again") from None
     module.eval()
     return module, models[name]
 
 
 def _verified_file(models_dir: Path, models: dict, name: str) -> Path:
     """The weights file of manifest entry ``name``, once it is known to be there and unchanged."""
+    manifest = models_dir / MANIFEST_NAME
     if name not in models:
-        raise InputError(f"{models_dir / MANIFEST_NAME}: no model {name!r}; it lists {', '.join(sorted(models)) or 'none'}")
+        raise InputError(f"{manifest}: no model {name!r}; it lists {', '.join(sorted(models)) or 'none'}")
     entry = models[name]
-    path = models_dir / entry["file"]
-    if not path.is_file():
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in ("file", "sha256")):
+        raise InputError(f"{manifest}: the {name!r} entry needs a \"file\" and its \"sha256\"; "
+                         f"without a checksum the weights cannot be trusted")
+    path = _inside(models_dir, entry["file"], manifest)
+    if not path.exists():
         raise InputError(f"{path}: weights file named in the manifest is missing")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a folder, pipe or device); the manifest must name a weights file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: weights file is empty (0 bytes); copy or export the weights again")
     actual = file_sha256(path)
     if actual != entry["sha256"]:
         raise InputError(f"{path}: checksum mismatch: expected {entry['sha256']}, got {actual}; the file is corrupt or was replaced")
+    return path
+
+
+def _inside(models_dir: Path, name: str, manifest: Path) -> Path:
+    """The file a manifest names, refused unless it lies in the models folder (no "..", no absolute
+    path, no link leading out): the folder, as checked and handed over, is the unit of trust."""
+    path = models_dir / name
+    if models_dir.resolve() not in path.resolve().parents:
+        raise InputError(f"{manifest}: the file {name!r} lies outside the models folder {models_dir}; "
+                         f"a manifest may name only files in its own folder")
     return path
 
 
@@ -155,7 +177,7 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     uses them). Other entries of the manifest are kept; both files are written atomically.
     Returns the weights file's path.
     """
-    from .io import write_json
+    from .io import check_outputs_apart, write_json
     from .models import build_model
 
     models_dir = Path(models_dir)
@@ -165,13 +187,14 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
         raise InputError(f"{checkpoint}: stage name {name!r} is not a model name (lower-case letters, digits, '-' and '_')")
     is_darn = payload["model_config"].get("architecture", "darn") == "darn"
     target = models_dir / (f"darn-{name}.pt" if is_darn else f"{name}.pt")
+    check_outputs_apart([target], [checkpoint])
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; allow overwriting to replace it", option="overwrite")
     architecture = {**payload["model_config"], "deep_supervision": False} if is_darn else dict(payload["model_config"])
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
-    _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES)
+    _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES, overwrite)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {
         "file": target.name, "sha256": file_sha256(target), "bytes": target.stat().st_size,
@@ -219,22 +242,24 @@ def read_checkpoint(path: Path) -> dict:
     return payload
 
 
-def _export_within_limit(model: torch.nn.Module, target: Path, limit: int) -> None:
-    """Script the model to a temp file, refuse it over ``limit`` bytes, else move it to ``target``."""
+def _export_within_limit(model: torch.nn.Module, target: Path, limit: int, overwrite: bool) -> None:
+    """Script the model to ``target`` atomically, refused over ``limit`` bytes, read back before the rename."""
+    import torch
+
+    from .io import atomic_write
     from .models import export_torchscript
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(6)}")
-    try:
+    def write(temp: Path) -> None:
         export_torchscript(model, temp)
         size = temp.stat().st_size
         if size > limit:
             raise InputError(f"{target.name}: exported model is {size / 2**20:.1f} MiB, over the "
                              f"{limit / 2**20:.0f} MiB limit for bundled weights; train narrower widths")
-        os.replace(temp, target)
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
+
+    def problem(written: Path) -> None:
+        torch.jit.load(str(written))  # raises on a file cut short, which atomic_write reports
+
+    atomic_write(target, ".pt", overwrite, write, problem)
 
 
 def _manifest_or_new(models_dir: Path) -> dict:
