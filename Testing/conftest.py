@@ -9,8 +9,10 @@ own thread count) passes its setting on to the next.
 
 Weights. Tiny random weights exported as the real ones are (both DARN stages and the refinement
 network). Random weights make the labels arbitrary but deterministic: the tests that use them check
-files, grids, refusals and messages, never accuracy. Both stages work at 4 mm so that a small
-phantom is segmented in seconds, not the minute a 1.5 mm tumor stage takes.
+files, grids, refusals and messages, never accuracy. Both stages work at 4 mm, on a patch that
+covers a small phantom's width in one window (:data:`TINY_PATCH`), so that a small phantom is
+segmented in a few network passes, not the hundred and more of the stages' own patches (the
+sliding window itself is tested in test_pipeline.py).
 """
 
 import os
@@ -32,6 +34,8 @@ from LiverTumorDARNLib.training.checkpoints import save_checkpoint  # noqa: E402
 from LiverTumorDARNLib.weights import export_checkpoint  # noqa: E402
 
 TINY = {"encoder_widths": (4, 8, 16), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1}
+TINY_PATCH = (64, 104, 104)
+"""(z, y, x): a small phantom at 4 mm is about 100 x 100 voxels in plane."""
 THREADS = 1
 
 torch.set_num_threads(THREADS)
@@ -49,7 +53,7 @@ def models_dir(tmp_path_factory):
     torch.manual_seed(0)
     for name, classes in (("liver", 2), ("tumor", 3)):
         config = {**TINY, "num_classes": classes}
-        stage = {"name": name, "spacing_mm": (4.0,) * 3, "num_classes": classes, "patch_size": (32, 32, 32)}
+        stage = {"name": name, "spacing_mm": (4.0,) * 3, "num_classes": classes, "patch_size": TINY_PATCH}
         checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
                                       "stage": stage}, folder / f"{name}.pt")
         export_checkpoint(checkpoint, folder, note="random weights for tests")
@@ -79,13 +83,15 @@ def installed_package(tmp_path_factory):
     shutil.copytree(root / "LiverTumorDARN", source / "LiverTumorDARN",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     dist, target = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("installed")
-    for command in ([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(source)],
-                    [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
-                     *map(str, dist.glob("*.whl"))]):
-        done = subprocess.run(command, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(source)])
     (wheel,) = dist.glob("*.whl")
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)])
     return target, wheel
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def run_installed(installed: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -230,6 +230,7 @@ def test_a_ras_point_maps_to_the_voxel_that_contains_it_through_the_parent_trans
 # ------------------------------------------------------------------------------ segments
 
 
+@pytest.mark.slow
 def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, command_line_labels):
     volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
@@ -238,6 +239,7 @@ def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, co
                                   command_line_labels)
 
 
+@pytest.mark.slow
 def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmented):
     _volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
@@ -249,12 +251,14 @@ def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmente
     assert tumor.GetTerminology() == TUMOR_TERMINOLOGY
 
 
+@pytest.mark.slow
 def test_the_segmentation_takes_the_volume_as_reference_geometry_and_parent_transform(segmented):
     volume, segmentation = segmented
     assert segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
     assert segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir, command_line_labels):
     volume, segmentation = earlier_result
     users = np.zeros(command_line_labels.shape, np.uint8)
@@ -272,6 +276,7 @@ def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(earlier_result
                                   command_line_labels)
 
 
+@pytest.mark.slow
 def test_per_tumor_segments_are_the_command_lines_connected_tumors_voxel_for_voxel(segmented_per_tumor,
                                                                                    command_line_labels):
     volume, segmentation = segmented_per_tumor
@@ -287,6 +292,7 @@ def test_per_tumor_segments_are_the_command_lines_connected_tumors_voxel_for_vox
     np.testing.assert_array_equal(segment_masks(segmentation, volume, ids["liver"])[0], command_line_labels == LIVER)
 
 
+@pytest.mark.slow
 def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and_shades_of_its_colour(segmented_per_tumor):
     volume, segmentation = segmented_per_tumor
     tumor_ids = logic.module_segment_ids(segmentation)["tumor"]
@@ -300,6 +306,7 @@ def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and
     assert len({s.GetColor() for s in segments[:2]}) == 2, "neighbouring numbers have different shades"
 
 
+@pytest.mark.slow
 def test_a_rerun_per_tumor_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir,
                                                                              command_line_labels):
     volume, segmentation = earlier_result
