@@ -13,17 +13,16 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from LiverTumorDARNLib import refine_training
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.models import build_model
-from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, SEED_RADIUS_MM, Refiner,
                                       ball, lesion_seed, liver_hu, on_region, patch_around, patch_inputs, trim_at)
-from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
+from LiverTumorDARNLib.training import refine_task
+from LiverTumorDARNLib.training.refine_task import CORRUPTIONS, corrupt, draw_sample, make_scan
 
 LIVER_HU, TUMOR_HU = 60, 160
 FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
@@ -88,11 +87,6 @@ def on_whole_volume(mask: np.ndarray, box, labels: np.ndarray) -> np.ndarray:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * (a & b).sum() / (a.sum() + b.sum())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    torch.set_num_threads(2)
 
 
 def test_patch_is_an_isotropic_cube_centred_on_the_tumor():
@@ -402,7 +396,7 @@ def test_a_click_sample_starts_from_the_seed_a_click_on_the_missed_tumor_grows(m
     ct, labels = scan([((24, 22, 10), 6.0)])
     truth = sitk.GetImageFromArray(labels)
     truth.CopyInformation(ct)
-    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("click",))
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", ("click",))
     inputs, target = draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0))
     assert dice(inputs[1] > 0.5, target.astype(bool)) > 0.9  # a bright tumor's seed is the tumor
 
@@ -411,45 +405,5 @@ def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):
     ct, labels = scan([((24, 22, 10), 6.0)])
     truth = sitk.GetImageFromArray(labels)
     truth.CopyInformation(ct)
-    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("darn",))
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", ("darn",))
     assert draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0)) is None
-
-
-@pytest.mark.parametrize("option", [["--models", "weights"], ["--darn-fraction", "0.5"]])
-def test_refinement_options_are_refused_for_the_darn_stages(option, tmp_path, capsys):
-    assert main(["train", "--stage", "tumor", "--out", str(tmp_path), *option]) == 2
-    assert "option of --stage refine" in capsys.readouterr().err
-
-
-def tiny_training(out_dir, lits, models_dir, **changes) -> RefineConfig:
-    settings = dict(out_dir=out_dir, data=lits, models_dir=models_dir, iterations=2, batch_size=2, pool_size=1,
-                    refresh_every=100, val_cases=1, val_every=2, widths=(4, 8), device="cpu")
-    return RefineConfig(**{**settings, **changes})
-
-
-@pytest.fixture(scope="module")
-def lits_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lits")
-    write_dataset(folder, count=3, seed=5, small=True)
-    return folder
-
-
-def test_refinement_trains_on_a_lits_folder_and_scores_coarse_and_refined_masks(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 2 and (tmp_path / "best.pt").exists()
-    assert set(checkpoint["val_scores"]) == {"coarse", "refined"}
-
-
-def test_refinement_training_resumes_at_the_saved_iteration(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, iterations=4, resume=True))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 4 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4
-
-
-def test_refinement_training_runs_in_bfloat16_on_the_cpu_when_asked(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, amp=True))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["config"]["amp"] is True
-    assert all(value.dtype == torch.float32 for value in checkpoint["model"].values() if value.is_floating_point())

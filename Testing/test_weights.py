@@ -13,7 +13,7 @@ from adversity import release_readers
 from LiverTumorDARNLib import weights
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.models import build_model
-from LiverTumorDARNLib.training import save_checkpoint
+from LiverTumorDARNLib.training.checkpoints import save_checkpoint
 from LiverTumorDARNLib.weights import (
     BUNDLED, CUSTOM, INTENDED_USE, bundled_models_dir, chosen_models_dir, describe_models, export_checkpoint,
     load_manifest, load_model,

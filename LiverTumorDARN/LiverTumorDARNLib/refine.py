@@ -17,9 +17,8 @@ Choices and why:
 - The network adds the coarse mask to its logits (``models.BoundaryRefinementNet``: +/- its
   ``mask_prior``), so its own output is a correction of the mask. Only the correction is brought
   back to the volume's voxels; the mask term is added there, at full resolution. Resampling the
-  whole answer from the patch grid (up to 3 mm for a large tumor) blurred every boundary and lost
-  tumors of a few voxels even where the network changed nothing: good masks fell from Dice 1.00
-  to 0.96 on held-out phantoms (seeds 800500-800507), and stay at 0.99 this way.
+  whole answer from the patch grid (up to 3 mm for a large tumor) blurs every boundary and loses
+  tumors of a few voxels even where the network changes nothing (docs/click-to-refine.md).
 - Paste-back writes only the voxels whose centres lie inside the patch, so nothing outside the
   patch changes; tumor may only grow into liver, as everywhere else in the pipeline, and the other
   tumors inside the patch are kept as they were.
@@ -41,10 +40,8 @@ Choices and why:
   with growing radii, fractions (``SEED_OPENING_FRACTIONS``) of the click's depth inside it,
   until the click's piece is enclosed: what is thinner than the lesion is cut off. Holes (noise
   below the threshold inside the lesion) are filled first, else the click looks shallow. Where
-  there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is the seed. From the
-  ball alone the network (its iteration-1750 weights) grew no lesion larger than a few mL: on 57
-  lesions of validation phantoms (seeds 800500-800523) a click at the lesion's deepest point
-  scored Dice 0.40 (on the first 13) from the ball and 0.68 from this seed.
+  there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is the seed: from the ball
+  alone the network grows no lesion beyond a few mL (docs/click-to-refine.md).
 - A negative click is an edit, not a network call: on the body of a tumor it removes the tumor;
   on a thin offshoot (a leak) it removes the offshoot only. The offshoot is what separates from
   the body when the tumor is eroded (a distance-transform threshold), which keeps the result

@@ -51,8 +51,12 @@ _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 def bundled_models_dir() -> Path:
-    """``Resources/Models`` of the extension, next to the package."""
-    return Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    """The bundled weights: ``Models`` inside the package where a wheel installed it, else
+    ``Resources/Models`` of the Slicer module next to the package (the source tree, an editable
+    install, the Slicer extension)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "Models"
+    return installed if installed.is_dir() else package.parent / "Resources" / "Models"
 
 
 def load_manifest(models_dir: Path) -> dict:
