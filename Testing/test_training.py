@@ -224,6 +224,23 @@ def test_a_trained_checkpoint_exports_as_the_weights_segment_and_refine_load(fin
     assert entry["training"]["iterations"] == 2 and entry["training"]["config"]["stage"] == stage
 
 
+def test_a_run_stopped_by_an_error_leaves_a_checkpoint_that_resume_goes_on_from(tiny_config, tmp_path, monkeypatch):
+    step = Trainer.step
+
+    def fail_at_the_third(trainer, cases, rng):
+        if trainer.iteration == 2:
+            raise OSError("No space left on device")
+        return step(trainer, cases, rng)
+
+    monkeypatch.setattr(Trainer, "step", fail_at_the_third)
+    with pytest.raises(OSError):
+        train(tiny_config("liver", tmp_path, iterations=4, val_every=4))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(Trainer, "step", step)
+    train(tiny_config("liver", tmp_path, iterations=4, val_every=4, resume=True))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 4
+
+
 def test_a_folder_holding_a_checkpoint_is_not_overwritten_without_resume(tiny_config, tmp_path):
     save_checkpoint({"note": "another run's"}, tmp_path / "last.pt")
     with pytest.raises(InputError, match="--resume"):

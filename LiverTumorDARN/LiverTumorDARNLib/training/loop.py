@@ -26,11 +26,13 @@ Choices and why (nnU-Net, Isensee et al. 2021, unless said otherwise):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -126,7 +128,8 @@ def _train(config: TrainConfig, task: Task, device: torch.device, world: _World)
             if world.is_main else []
         validation_set = task.validation_set(val_cases)
         with tqdm(total=config.iterations, initial=start, desc=f"train {task.name}", unit="it",
-                  disable=not world.is_main, dynamic_ncols=True) as progress:
+                  disable=not world.is_main, dynamic_ncols=True) as progress, \
+                _checkpoint_when_interrupted(trainer, last_path, start):
             while trainer.iteration < config.iterations:
                 loss = trainer.step(pool.cases, rng)
                 if trainer.iteration % config.refresh_every == 0:
@@ -142,6 +145,21 @@ def _train(config: TrainConfig, task: Task, device: torch.device, world: _World)
     if world.is_main:
         save_checkpoint({**trainer.checkpoint(), "replica_checksums": checksums}, last_path)
     return last_path
+
+
+@contextlib.contextmanager
+def _checkpoint_when_interrupted(trainer: Trainer, last_path: Path, start: int) -> Iterator[None]:
+    """Whatever stops the run (Ctrl-C, a bad case, a full disk), the steps made since the last
+    checkpoint are kept: ``last.pt`` is written at the iteration reached, and ``--resume`` goes on
+    from there. A DDP rank other than the first writes nothing, as in a run that finishes."""
+    try:
+        yield
+    except BaseException:
+        if trainer.world.is_main and trainer.iteration > start:
+            save_checkpoint(trainer.checkpoint(), last_path)
+            print(f"training stopped at iteration {trainer.iteration}; {last_path} holds it, "
+                  f"--resume goes on from there", file=sys.stderr)
+        raise
 
 
 class Trainer:
