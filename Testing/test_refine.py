@@ -21,8 +21,11 @@ from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, SEED_RADIUS_MM, Refiner,
-                                      ball, lesion_seed, liver_hu, on_region, patch_around, patch_inputs, trim_at)
+from LiverTumorDARNLib.label_edits import NEAR_MM, trim_at
+from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
+from LiverTumorDARNLib.patches import MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, liver_hu, patch_around, patch_inputs
+from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.regions import ball, on_region
 from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
 LIVER_HU, TUMOR_HU = 60, 160

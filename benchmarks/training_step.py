@@ -20,7 +20,7 @@ import torch
 
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.pipeline import STAGES, resolve_device
-from LiverTumorDARNLib.refine import PATCH_SIZE
+from LiverTumorDARNLib.patches import PATCH_SIZE
 from LiverTumorDARNLib.refine_training import RefineConfig, training_logits
 from LiverTumorDARNLib.training import TrainConfig, deep_supervision_loss, dice_ce_loss, model_config
 

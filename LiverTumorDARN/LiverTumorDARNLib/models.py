@@ -401,7 +401,7 @@ class BoundaryRefinementNet(nn.Module):
     can shrink or expand the coarse mask. The paper fixes only that outline; our choices:
 
     - A 3D encoder-decoder over ``widths`` levels (default 12, 24, 48, 96: the 32^3 patch of
-      ``refine.PATCH_SIZE`` reaches 4^3 at the bottom, enough to see the whole tumor and its
+      ``patches.PATCH_SIZE`` reaches 4^3 at the bottom, enough to see the whole tumor and its
       rim). The widths keep one click under a second on a 2-core CPU and the file under 8 MiB.
       Residual blocks, InstanceNorm and LeakyReLU as in DARN, for the same reasons.
     - Skip connections through :class:`FeatureExtractionPath` with ``levels - 1 - i`` blocks at

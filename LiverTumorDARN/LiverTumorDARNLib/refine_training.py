@@ -4,10 +4,10 @@ The coarse masks are what the network will be given in use:
 - DARN's own predictions on the training scans (the bundled weights, or ``--models``), and
 - synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
   a missing piece, an extra piece, merged with a neighbouring blob, the seed of a click on the
-  tumor as if it were missed (``refine.lesion_seed`` at a point inside it: "click"), the seed ball
+  tumor as if it were missed (``lesion_seeds.lesion_seed`` at a point inside it: "click"), the seed ball
   (such a click where the contrast gives no seed: "seed"), a blob in tumor-free liver (a false
   positive, target: nothing), and the truth itself (a good mask must stay good).
-Patches are cut by the same ``refine.patch_around`` / ``patch_inputs`` as inference, around the
+Patches are cut by the same ``patches.patch_around`` / ``patch_inputs`` as inference, around the
 coarse mask, so training sees exactly the geometry a click produces. The target is every true
 tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two classes.
 
@@ -40,8 +40,10 @@ from .metrics import dice
 from .models import build_model
 from .phantom import VALIDATION_SEED_START, generate_case
 from .pipeline import load_stages, segment
-from .refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, lesion_seed, liver_hu,
-                     on_region, paste_tumor, patch_around, patch_inputs, widened_mm)
+from .label_edits import paste_tumor
+from .lesion_seeds import SEED_RADIUS_MM, lesion_seed
+from .patches import PATCH_SIZE, index_bounds, labels_to_patch, liver_hu, patch_around, patch_inputs
+from .regions import ball, on_region, widened_mm
 from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, resolve_amp, save_checkpoint, split_lits_pairs
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "click", "seed", "good",
