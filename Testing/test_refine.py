@@ -11,24 +11,26 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from torch import nn
 
 from LiverTumorDARNLib import refine_training
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
+from LiverTumorDARNLib.label_edits import trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.label_edits import NEAR_MM, trim_at
-from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.patches import MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, liver_hu, patch_around, patch_inputs
-from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.refine import LIVER_REACH_MM, Refiner
 from LiverTumorDARNLib.regions import ball, on_region
 from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
 
 LIVER_HU, TUMOR_HU = 60, 160
+CPU = torch.device("cpu")
 FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
 
 
@@ -87,6 +89,28 @@ def with_hu(ct: sitk.Image, hu: np.ndarray) -> sitk.Image:
 
 def on_whole_volume(mask: np.ndarray, box, labels: np.ndarray) -> np.ndarray:
     return on_region(mask, box, tuple(slice(0, n) for n in labels.shape))
+
+
+class Nothing(nn.Module):
+    """Background everywhere, whatever the coarse mask and the CT say."""
+
+    mask_prior = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        background = torch.full_like(x[:, :1], 20.0)
+        return torch.cat([background, -background], 1)
+
+
+class Recorder(Echo):
+    """:class:`Echo` that keeps every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return super().forward(x)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,13 +183,47 @@ def test_click_on_a_tumor_refines_that_tumor():
     assert change.message == "tumor refined"
 
 
-def test_click_near_a_tumor_refines_the_nearest_one():
-    ct, labels = scan([((24, 22, 10), 5.0)])
-    coarse = shrunk(labels)
-    beside = (24 + int((5.0 + NEAR_MM / 2) / 0.8), 22, 10)  # outside the tumor, within NEAR_MM of it
-    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, beside)
-    assert change.message == "tumor refined"
-    assert dice(change.labels == TUMOR, labels == TUMOR) > dice(coarse == TUMOR, labels == TUMOR)
+def test_click_on_the_missed_part_of_a_tumor_grows_that_tumor():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    coarse = np.where((labels == TUMOR) & (np.indices(labels.shape)[2] >= 24), LIVER, labels).astype(np.uint8)
+    change = Refiner(Echo(), CPU).click(ct, coarse, (27, 22, 10))  # on the half the map misses
+    assert change.message == "tumor grown to the click"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_click_on_a_lesion_the_maps_liver_left_out_adds_it_into_the_liver():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    left_out = np.where(labels == TUMOR, 0, labels).astype(np.uint8)  # as the liver stage leaves a large lesion out
+    change = Refiner(Bright(), CPU).click(ct, left_out, (24, 22, 10))
+    assert change.message == "lesion added"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_a_click_the_network_does_not_confirm_still_makes_the_clicked_tissue_tumor():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    change = Refiner(Nothing(), CPU).click(ct, missed, (24, 22, 10))
+    assert change.labels[10, 22, 24] == TUMOR
+    assert "the network did not confirm it" in change.message
+
+
+def test_every_click_on_a_missed_lesion_without_contrast_adds_to_it():
+    ct, labels = scan([((24, 22, 10), 8.0)])
+    isodense = with_hu(ct, np.where(labels == TUMOR, LIVER_HU, sitk.GetArrayFromImage(ct)))
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    refiner = Refiner(Echo(), CPU)
+    for point in ((24, 22, 10), (30, 22, 10), (18, 22, 10)):  # the second and third at the first one's edge
+        change = refiner.click(isodense, missed, point)
+        assert change.box is not None and change.labels[point[::-1]] == TUMOR
+        missed = change.labels
+
+
+def test_a_click_on_liver_without_contrast_adds_the_seed_ball_and_says_the_network_did_not_confirm_it():
+    ct, labels = scan([])
+    change = Refiner(Bright(), CPU).click(ct, labels, (24, 22, 10))
+    expected, box = ball((10, 22, 24), SEED_RADIUS_MM, (2.5, 0.8, 0.8), labels.shape)
+    assert np.array_equal(change.labels == TUMOR, on_whole_volume(expected, box, labels) & (labels > 0))
+    assert change.message == "lesion added as seeded from the click (the network did not confirm it)"
 
 
 def test_click_on_empty_liver_over_a_missed_tumor_adds_it():
@@ -174,13 +232,6 @@ def test_click_on_empty_liver_over_a_missed_tumor_adds_it():
     change = Refiner(Bright(), torch.device("cpu")).click(ct, missed, (24, 22, 10))
     assert change.message == "lesion added"
     assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
-
-
-def test_click_on_empty_liver_with_nothing_there_adds_nothing():
-    ct, labels = scan([])
-    change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (24, 22, 10))
-    assert change.box is None and change.message == "no lesion found at the click"
-    assert change.labels is labels
 
 
 @pytest.mark.parametrize("contrast_hu", [100, -50])
@@ -242,6 +293,16 @@ def test_negative_click_on_a_tumor_removes_it_and_gives_it_to_the_liver():
     assert (change.labels[14, 36, 36] == TUMOR)  # the other tumor stays
 
 
+def test_negative_click_on_false_tissue_grown_onto_a_tumor_removes_it_and_keeps_the_tumor():
+    ct, labels = scan([((24, 22, 15), 5.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    true = labels == TUMOR
+    grown = ndimage.distance_transform_edt(~true, sampling=0.8) <= 3.0  # 3 mm of parenchyma taken in
+    coarse = np.where(grown & (labels > 0), TUMOR, labels).astype(np.uint8)
+    change = Refiner(Bright(), CPU).click(ct, coarse, (24 + 8, 22, 15), positive=False)  # 6.4 mm out: in the false rim
+    assert change.message == "false part removed"
+    assert dice(change.labels == TUMOR, true) > 0.9
+
+
 def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
     body = np.zeros((30, 40, 60), bool)
     k, j, i = np.indices(body.shape)
@@ -279,6 +340,33 @@ def test_click_outside_the_volume_is_an_input_error():
     ct, labels = scan([])
     with pytest.raises(InputError, match="outside the volume"):
         Refiner(Bright(), torch.device("cpu")).click(ct, labels, (48, 0, 0))
+
+
+def test_a_label_map_on_another_grid_is_refused_before_anything_changes():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    with pytest.raises(InputError, match="not on the CT's grid"):
+        Refiner(Bright(), CPU).click(ct, np.ascontiguousarray(labels[:, :, :-1]), (24, 22, 10))
+
+
+@pytest.mark.parametrize("positive", [True, False])
+@pytest.mark.parametrize("where, point, what", [("air", (0, 22, 10), "on air or lung"),
+                                                ("bone", (40, 40, 15), "on bone")])
+def test_a_click_on_air_or_bone_changes_nothing_and_says_so(where, point, what, positive):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    hu = sitk.GetArrayFromImage(ct)
+    hu[12:18, 36:44, 36:44] = 1200  # a piece of rib over the liver
+    change = Refiner(Bright(), CPU).click(with_hu(ct, hu), labels, point, positive)
+    assert change.box is None and change.labels is labels
+    assert what in change.message and "nothing changed" in change.message
+
+
+def test_a_positive_click_far_from_the_liver_adds_nothing_and_says_so():
+    ct, labels = scan([], size=(96, 48, 20))
+    labels[:, :, 40:] = 0  # soft tissue, not liver, beyond i = 40
+    soft_tissue = with_hu(ct, np.where(np.indices(labels.shape)[2] >= 40, 40, sitk.GetArrayFromImage(ct)))
+    change = Refiner(Bright(), CPU).click(soft_tissue, labels, (90, 22, 10))
+    assert change.box is None and change.labels is labels
+    assert change.message == f"the click is more than {LIVER_REACH_MM:.0f} mm from the liver: no lesion added"
 
 
 # ------------------------------------------------------------------ the refine command

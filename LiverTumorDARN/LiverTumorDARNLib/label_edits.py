@@ -3,6 +3,15 @@ a tumor replaced by its correction, and what a negative click cuts away.
 
 Every edit returns a new map and leaves the one it was given as it was, so the caller keeps the
 old one for undo.
+
+A negative click says "this is not tumor" about the tissue under it, not about everything
+connected to it: a false region grown onto a true tumor (parenchyma or a vessel taken in with a
+hypodense metastasis) must go without the metastasis. Where the clicked tumor holds two kinds of
+tissue (its smoothed HU split in two classes by Otsu's threshold, their means at least
+``SPLIT_MIN_CONTRAST_HU`` apart, and what the click leaves at least ``SPLIT_MIN_DEPTH_MM`` thick),
+the click removes the piece of its own kind that it is on.
+Where it holds one kind, shape decides (:func:`trim_at`): a thin offshoot is cut off, a lobe
+joined to others by a neck goes alone, and a compact tumor goes whole.
 """
 
 from __future__ import annotations
@@ -11,15 +20,24 @@ import dataclasses
 
 import cc3d
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from .labels import LIVER, TUMOR
+from .pipeline import MIN_TUMOR_MM3
 from .regions import Box, bounding_box
 
 NEAR_MM = 10.0
 """A click this close to a tumor refers to it; farther away it starts a new lesion."""
 TRIM_STEPS = 12
 """Opening radii tried by a negative click (quantiles of the tumor's depth)."""
+SPLIT_MIN_CONTRAST_HU = 15.0
+"""Two tissues in one tumor differ by at least this much (mean smoothed HU of Otsu's classes);
+less is noise within one tissue."""
+SPLIT_BINS = 64
+SPLIT_MIN_DEPTH_MM = 2.0
+"""What a split keeps must be this thick somewhere: the rim that smoothing leaves around a tumor
+of one tissue (a few voxels of HU between the tumor's and the liver's) is no second tissue."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +109,7 @@ def trim_at(component: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> 
     splits first, the clicked piece is the offshoot unless it is the largest. When the core
     vanishes with the click still inside, the click was on the body.
     """
-    if not component[point]:  # a click beside the tumor means its nearest voxel
-        inside = np.argwhere(component)
-        point = tuple(inside[np.argmin((((inside - point) * spacing_zyx) ** 2).sum(1))])
+    point = nearest_voxel(component, point, spacing_zyx)  # a click beside the tumor means its nearest voxel
     padded = np.pad(component, 1)
     depth = ndimage.distance_transform_edt(padded, sampling=spacing_zyx)
     reach = max(spacing_zyx)
@@ -116,3 +132,52 @@ def trim_at(component: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> 
                 break
             return (padded & (owner != owner[at]))[1:-1, 1:-1, 1:-1]
     return np.zeros_like(component)
+
+
+def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarray, spacing_zyx) -> tuple[np.ndarray, str]:
+    """What a negative click at ``point`` marks as not tumor in ``component`` (bool on a box;
+    ``point`` and ``hu``, the smoothed CT, on the same box), and what that is, in words: the
+    piece of the click's tissue it is on, the offshoot, or the whole tumor (see the module's
+    docstring). Pieces of the tumor too small to be one (``MIN_TUMOR_MM3``) that the cut leaves
+    behind go with it."""
+    point = nearest_voxel(component, point, spacing_zyx)
+    removed, what = None, ""
+    threshold = _two_tissues(component, hu)
+    if threshold is not None:
+        from .lesion_seeds import component_at_voxel
+
+        piece = component_at_voxel(component & ((hu > threshold) == (hu[point] > threshold)), point)
+        kept = component & ~piece
+        if kept.any() and ndimage.distance_transform_edt(np.pad(kept, 1), sampling=spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
+            removed, what = piece, "false part removed"
+    if removed is None:
+        kept = trim_at(component, point, spacing_zyx)
+        removed, what = component & ~kept, ("tumor removed" if not kept.any() else "offshoot trimmed")
+    left = cc3d.connected_components(component & ~removed, connectivity=26)
+    sizes = np.bincount(left.ravel()) * float(np.prod(spacing_zyx))
+    return removed | ((sizes < MIN_TUMOR_MM3)[left] & (left > 0)), what
+
+
+def nearest_voxel(mask: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> tuple[int, int, int]:
+    """``point`` when it lies in ``mask``, else the voxel of ``mask`` nearest to it (in mm)."""
+    if mask[point]:
+        return point
+    inside = np.argwhere(mask)
+    return tuple(int(v) for v in inside[np.argmin((((inside - point) * np.asarray(spacing_zyx)) ** 2).sum(1))])
+
+
+def _two_tissues(component: np.ndarray, hu: np.ndarray) -> float | None:
+    """Otsu's threshold between the two tissues ``component`` holds; None where its voxels are
+    one tissue (their classes' means closer than ``SPLIT_MIN_CONTRAST_HU``)."""
+    if component.sum() < 2:
+        return None
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(SPLIT_BINS)
+    otsu.SetMaskValue(1)
+    otsu.Execute(sitk.GetImageFromArray(hu.astype(np.float32)), sitk.GetImageFromArray(component.astype(np.uint8)))
+    threshold = otsu.GetThreshold()
+    values = hu[component]
+    low, high = values[values <= threshold], values[values > threshold]
+    if not len(low) or not len(high) or high.mean() - low.mean() < SPLIT_MIN_CONTRAST_HU:
+        return None
+    return threshold

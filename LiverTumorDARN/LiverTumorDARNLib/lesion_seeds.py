@@ -3,7 +3,10 @@
 A click on a missed lesion starts from the voxels around it that are nearer the click's HU
 than the liver's (the half-way threshold of the CT smoothed by ``SEED_SMOOTHING_MM``), inside
 the liver, connected to the click: a lesion is defined by its contrast against the parenchyma,
-whichever sign it has. Where that region leaks (it reaches ``SEED_REACH_MM`` from the click,
+whichever sign it has. A click outside the liver of the label map (a lesion the liver stage left
+out, as it often leaves out a large hypodense one at the liver's edge) also takes the voxels
+outside the liver whose HU lies as near the click's, on either side (a band: a one-sided
+threshold would take all the fat and air around a hypodense lesion). Where that region leaks (it reaches ``SEED_REACH_MM`` from the click,
 for instance into a vessel of like HU or along the liver's partial-volume rim) it is opened
 with growing radii, fractions (``SEED_OPENING_FRACTIONS``) of the click's depth inside it,
 until the click's piece is enclosed: what is thinner than the lesion is cut off. Holes (noise
@@ -22,7 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .patches import crop
-from .regions import Box, ball, bounding_box, touches_edge, voxel_box, widened_mm
+from .regions import Box, ball, bounding_box, touches_edge, voxel_box, widened, widened_mm
 
 SEED_RADIUS_MM = 4.0
 """The coarse mask of a new lesion where its contrast gives none: a ball around the click."""
@@ -34,6 +37,7 @@ SEED_MIN_CONTRAST_HU = 15.0
 grew noise across the liver and cost up to 0.6 s to cut it back."""
 SEED_OPENING_FRACTIONS = (0.25, 0.5, 0.75)
 """Opening radii tried on a leaking seed, as fractions of the click's depth inside it."""
+SMOOTHING_CONTEXT_VOXELS = 3
 
 
 def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
@@ -43,24 +47,42 @@ def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
     spacing = tuple(ct.GetSpacing()[::-1])
     region = widened_mm(voxel_box(point), SEED_REACH_MM, spacing, labels.shape)
     local = tuple(p - r.start for p, r in zip(point, region))
-    grown = _contrast_region(crop(ct, region, pad=0), labels[region] > 0, local, reference_hu)
+    grown = contrast_region(crop(ct, region, pad=0), labels[region] > 0, local, reference_hu)
     enclosed = None if grown is None else _enclosed_piece(grown, local, region, labels.shape, spacing)
     if enclosed is None:
         return ball(point, SEED_RADIUS_MM, spacing, labels.shape)
     return enclosed, region
 
 
-def _contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, int],
-                     reference_hu: float) -> np.ndarray | None:
-    """Liver voxels nearer the click's smoothed HU than ``reference_hu``, holes filled; None
+def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, int],
+                    reference_hu: float) -> np.ndarray | None:
+    """Liver voxels nearer the click's smoothed HU than ``reference_hu``, holes filled, and for a
+    click outside ``liver`` the voxels outside it in the band as near the click's HU; None
     without contrast."""
-    hu = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), SEED_SMOOTHING_MM))
+    hu = smoothed_hu(ct)
     clicked = float(hu[local])
     if abs(clicked - reference_hu) < SEED_MIN_CONTRAST_HU:
         return None
     half_way = (clicked + reference_hu) / 2
     contrast = (hu < half_way) if clicked < reference_hu else (hu > half_way)
-    return ndimage.binary_fill_holes(contrast) & liver  # noise leaves holes that make the click look shallow
+    where = liver
+    if not liver[local]:
+        where = liver | (np.abs(hu - clicked) < abs(clicked - reference_hu) / 2)
+    return ndimage.binary_fill_holes(contrast) & where  # noise leaves holes that make the click look shallow
+
+
+def smoothed_hu(ct: sitk.Image) -> np.ndarray:
+    """The CT smoothed by ``SEED_SMOOTHING_MM``, as the seeds read it: a click's HU is that of
+    its neighbourhood, not of one noisy voxel."""
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.Cast(ct, sitk.sitkFloat32), SEED_SMOOTHING_MM))
+
+
+def smoothed_hu_on(ct: sitk.Image, region: Box) -> np.ndarray:
+    """:func:`smoothed_hu` on ``region`` of the volume, smoothed with the voxels around it (the
+    filter needs four voxels along each axis, and a region's edge its neighbours)."""
+    pad = SMOOTHING_CONTEXT_VOXELS
+    around = widened(region, ct.GetSize()[::-1], pad)
+    return smoothed_hu(crop(ct, around, pad=0))[tuple(slice(r.start - a.start, r.stop - a.start) for r, a in zip(region, around))]
 
 
 def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], region: Box, shape,
