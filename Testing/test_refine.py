@@ -7,6 +7,8 @@ returns the coarse mask it was given. The bundled network is tested in test_bund
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -399,6 +401,14 @@ def test_refine_command_says_when_a_negative_click_found_no_tumor(case_files, mo
     ct, mask = case_files
     assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--negative", "40,40,15") == 0
     assert "no tumor at the click: nothing to remove" in capsys.readouterr().out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
+
+
+def test_refine_command_says_why_a_click_on_air_changed_nothing(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "0,22,10") == 0
+    assert re.search(r"the click is on air or lung \(-\d+ HU\): nothing changed", capsys.readouterr().out)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nii.gz"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
 

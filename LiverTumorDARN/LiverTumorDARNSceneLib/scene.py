@@ -384,11 +384,32 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     if not ids["liver"]:
         raise InputError(f'{segmentation_node.GetName()} has no "{LIVER_SEGMENT.name}" segment of this module; '
                          f'run "Segment tumors" first')
+    _check_on_volume_grid(segmentation_node, volume_node)
     # Merged in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win
     # overlaps), so the minimum with TUMOR (= LIVER + 1) is the label: one pass over the volume,
     # where a comparison, a choice and two casts cost a tenth of a second of every click.
     merged = _merged_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
     return np.minimum(merged, TUMOR).astype(np.uint8)
+
+
+def _check_on_volume_grid(segmentation_node, volume_node) -> None:
+    """Refuse segments made on another grid than the volume's (another scan, or a resampled one):
+    read onto this volume they would be resampled, and an edit written back would not fit them.
+    The grid is the segmentation's reference geometry, which :func:`write_segments` takes from
+    the volume it writes for."""
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    reference = slicer.vtkOrientedImageData()
+    if not geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference):
+        return  # segments without a reference grid keep their own: Slicer merges them as they are
+    matrix = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(matrix)
+    volume_matrix = local_ijk_to_ras(volume_node)
+    same = (tuple(reference.GetExtent()) == tuple(volume_node.GetImageData().GetExtent())
+            and np.allclose(_array_from_matrix(matrix), volume_matrix, atol=1e-3 * np.abs(volume_matrix[:3, :3]).max()))
+    if not same:
+        raise InputError(f"{segmentation_node.GetName()} was made on another grid than {volume_node.GetName()}'s; "
+                         f"select the volume it was made on, or segment this volume first")
 
 
 def _merged_labels(segmentation_node, volume_node, segment_ids: list[str], box=None) -> np.ndarray:
