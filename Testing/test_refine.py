@@ -7,6 +7,7 @@ returns the coarse mask it was given. The bundled network is tested in test_bund
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -26,10 +27,14 @@ from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.phantom import write_dataset
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.patches import MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, liver_hu, patch_around, patch_inputs
+from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, liver_hu,
+                                       patch_around, patch_inputs)
 from LiverTumorDARNLib.refine import LIVER_REACH_MM, Refiner
 from LiverTumorDARNLib.regions import ball, on_region
-from LiverTumorDARNLib.refine_training import CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, train_refiner
+from LiverTumorDARNLib.refine_training import (CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, start_from,
+                                               train_refiner)
+from LiverTumorDARNLib.training import save_checkpoint
+from LiverTumorDARNLib.weights import export_checkpoint, load_model
 
 LIVER_HU, TUMOR_HU = 60, 160
 CPU = torch.device("cpu")
@@ -472,6 +477,76 @@ def test_an_untrained_refinement_network_gives_back_the_coarse_mask():
     assert (tumor == mask).float().mean() > 0.99
 
 
+def test_a_network_that_takes_clicks_is_given_them_after_the_image_and_the_mask():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    network = Recorder()
+    Refiner(network, CPU, takes_clicks=True).click(ct, shrunk(labels), (24, 22, 10), earlier=[((30, 22, 10), False)])
+    inputs = network.inputs[0][0]
+    assert inputs.shape[0] == 4
+    assert inputs[2].max() > 0.5 and inputs[3].max() > 0.5  # this click, the earlier one
+
+
+def test_a_network_without_click_channels_is_given_the_image_and_the_mask_only():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    network = Recorder()
+    Refiner(network, CPU).click(ct, shrunk(labels), (24, 22, 10), earlier=[((30, 22, 10), False)])
+    assert network.inputs[0].shape[1] == 2
+
+
+@pytest.mark.parametrize("flip", sorted(FLIPS))
+def test_a_click_map_peaks_at_the_click_on_the_patch_grid(flip):
+    ct, _ = scan([], direction=FLIPS[flip])
+    patch = patch_around(ct, [20, 18, 8], [28, 26, 12])
+    maps = click_maps(ct, patch, [Click((10, 20, 26), positive=False)])
+    at = patch.grid.TransformPhysicalPointToIndex(ct.TransformIndexToPhysicalPoint((26, 20, 10)))
+    assert np.unravel_index(np.argmax(maps[1]), maps[1].shape) == tuple(at[::-1])
+    assert maps[0].max() == 0
+
+
+def export_refiner(folder, **model) -> None:
+    """A random refinement network of ``model``'s arguments exported into ``folder`` as training does."""
+    config = {"architecture": "refine", "widths": (4, 8), **model}
+    checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
+                                  "stage": {"name": "refine", "patch_size": [32] * 3, "num_classes": 2}},
+                                 folder / "checkpoint.pt")
+    export_checkpoint(checkpoint, folder)
+
+
+def test_refine_weights_that_declare_click_channels_take_clicks(tmp_path):
+    export_refiner(tmp_path, in_channels=4)
+    assert Refiner.load(tmp_path, "cpu").takes_clicks
+
+
+def test_the_bundled_two_channel_refiner_takes_no_clicks():
+    assert not Refiner.load(device="cpu").takes_clicks
+
+
+def test_refine_weights_whose_manifest_misstates_their_channels_are_refused(tmp_path):
+    export_refiner(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["models"]["refine"]["model"]["in_channels"] = 4
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="takes 2 input channels and its manifest entry declares 4"):
+        Refiner.load(tmp_path, "cpu")
+
+
+def test_a_click_network_started_from_a_two_channel_one_computes_what_it_did_whatever_the_clicks(tmp_path):
+    torch.manual_seed(0)
+    export_refiner(tmp_path)
+    clicking = build_model({"architecture": "refine", "widths": (4, 8), "in_channels": 4}).eval()
+    start_from(clicking, tmp_path)
+    inputs = torch.randn(1, 4, 16, 16, 16)
+    with torch.inference_mode():
+        before = load_model(tmp_path, "refine")[0](inputs[:, :2])
+        assert torch.allclose(clicking(inputs), before, atol=1e-5)
+
+
+def test_starting_from_a_refine_network_of_other_widths_is_refused(tmp_path):
+    export_refiner(tmp_path)
+    with pytest.raises(InputError, match="another architecture"):
+        start_from(build_model({"architecture": "refine", "widths": (4, 8, 16), "in_channels": 4}), tmp_path)
+
+
 # ------------------------------------------------------------------ training samples
 
 
@@ -506,6 +581,45 @@ def test_a_click_sample_starts_from_the_seed_a_click_on_the_missed_tumor_grows(m
     monkeypatch.setattr(refine_training, "CORRUPTIONS", ("click",))
     inputs, target = draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0))
     assert dice(inputs[1] > 0.5, target.astype(bool)) > 0.9  # a bright tumor's seed is the tumor
+
+
+def truth_scan(tumors_ijk_mm, **geometry) -> refine_training.Scan:
+    ct, labels = scan(tumors_ijk_mm, **geometry)
+    truth = sitk.GetImageFromArray(labels)
+    truth.CopyInformation(ct)
+    return make_scan(ct, truth, stages=None)
+
+
+def click_samples(kind: str, monkeypatch, count: int = 12) -> list[tuple[np.ndarray, np.ndarray]]:
+    monkeypatch.setattr(refine_training, "CORRUPTIONS", (kind,))
+    training_scan = truth_scan([((24, 22, 15), 6.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    rng = np.random.default_rng(0)
+    return [draw_sample(training_scan, rng, with_clicks=True) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind, channel, error", [("erode", 2, "missed"), ("dilate", 3, "false")])
+def test_simulated_clicks_land_on_the_masks_errors(kind, channel, error, monkeypatch):
+    clicked = 0
+    for inputs, target in click_samples(kind, monkeypatch):
+        assert inputs.shape == (4, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        peaks = inputs[channel] > 0.99
+        if inputs[channel].max() < 0.5 or inputs[5 - channel].max() > 0:  # no click, or a click on a right part too
+            continue
+        coarse, true = inputs[1][peaks] > 0.5, target[peaks] == 1
+        assert (true & ~coarse).all() if error == "missed" else (coarse & ~true).all()
+        clicked += 1
+    assert clicked
+
+
+def test_a_good_mask_gets_no_click_on_an_error(monkeypatch):
+    for inputs, target in click_samples("good", monkeypatch):
+        assert inputs[3].max() == 0
+        assert (target[inputs[2] > 0.99] == 1).all()
+
+
+def test_a_click_sample_has_the_click_its_seed_grew_from_in_the_positive_channel(monkeypatch):
+    for inputs, target in click_samples("click", monkeypatch, count=4):
+        assert inputs[2].max() > 0.5 and target[np.unravel_index(np.argmax(inputs[2]), target.shape)] == 1
 
 
 def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):
@@ -547,6 +661,15 @@ def test_refinement_training_resumes_at_the_saved_iteration(lits_folder, models_
     train_refiner(tiny_training(tmp_path, lits_folder, models_dir, iterations=4, resume=True))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["iteration"] == 4 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4
+
+
+def test_refinement_training_with_clicks_starts_from_a_two_channel_network(lits_folder, models_dir, tmp_path):
+    train_refiner(tiny_training(tmp_path / "run", lits_folder, models_dir, init_from=models_dir, learning_rate=0.0))
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    exported = load_model(models_dir, "refine")[0].state_dict()
+    assert trained["model_config"]["in_channels"] == 4
+    first = "encoder.0.0.0.weight"
+    assert torch.equal(trained["model"][first][:, :2], exported[first]) and not trained["model"][first][:, 2:].any()
 
 
 def test_refinement_training_runs_in_bfloat16_on_the_cpu_when_asked(lits_folder, models_dir, tmp_path):
