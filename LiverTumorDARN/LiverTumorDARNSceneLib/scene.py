@@ -163,6 +163,16 @@ def image_from_volume(volume_node) -> sitk.Image:
     return image
 
 
+def volume_state(volume_node) -> tuple:
+    """What :func:`image_from_volume` reads: equal states give equal images, so a caller may keep
+    the image it read instead of copying a large CT again."""
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        return (volume_node.GetID(),)
+    return (volume_node.GetID(), image.GetMTime(), image.GetPointData().GetScalars().GetMTime(),
+            tuple(world_ijk_to_ras(volume_node).ravel()))
+
+
 def set_volume_from_image(volume_node, image: sitk.Image) -> None:
     """Voxels and geometry of a SimpleITK image (LPS) into a volume node: the inverse of
     :func:`image_from_volume` for a volume without parent transform."""
@@ -390,6 +400,24 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     # where a comparison, a choice and two casts cost a tenth of a second of every click.
     merged = _merged_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
     return np.minimum(merged, TUMOR).astype(np.uint8)
+
+
+def segments_state(segmentation_node, volume_node) -> tuple:
+    """What :func:`labels_from_segments` reads: the module's segments (ids and when their voxels
+    last changed), the segmentation's grid and transform, and the volume's grid. Equal states give
+    equal labels, so a caller may keep the labels it read: an edit in the Segment Editor, an undo
+    or another volume changes the state."""
+    segmentation = segmentation_node.GetSegmentation()
+    segments = []
+    for segment_id in [segment for role in module_segment_ids(segmentation_node).values() for segment in role]:
+        labelmap = segmentation.GetSegment(segment_id).GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
+        segments.append((segment_id, labelmap.GetMTime() if labelmap is not None else 0,
+                         scalars.GetMTime() if scalars is not None else 0))
+    geometry = segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    return (tuple(segments), geometry, segmentation_node.GetTransformNodeID(), volume_node.GetID(),
+            tuple(local_ijk_to_ras(volume_node).ravel()), volume_node.GetTransformNodeID())
 
 
 def _check_on_volume_grid(segmentation_node, volume_node) -> None:

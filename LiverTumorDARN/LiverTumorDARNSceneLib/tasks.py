@@ -321,7 +321,8 @@ class ClickSession:
 
     The network runs on one thread that lives as long as the session, so it is loaded once
     (``load_refiner`` runs there on the first edit) and its caches stay warm between clicks. The
-    CT and the labels are read from the scene when an edit is asked for, the result is written by
+    CT and the labels are read from the scene when an edit is asked for (kept from the last edit
+    while the scene's volume and segments are as that edit left them), the result is written by
     :meth:`poll`, both on the calling thread. Each written edit can be taken back with
     :meth:`undo`: the session keeps its own history of the segments (Slicer's
     vtkSegmentationHistory), and never touches the Segment Editor's.
@@ -334,6 +335,7 @@ class ClickSession:
         self._pending = None
         self._histories: dict = {}
         self._edits: dict = {}  # per segmentation, what made each state of its history: a click ((i, j, k), positive) or None
+        self._read: dict = {}  # ("ct", volume) or ("labels", segmentation): (the scene's state when read, what was read)
 
     @property
     def busy(self) -> bool:
@@ -346,8 +348,7 @@ class ClickSession:
         from . import scene
 
         point_ijk = scene.ras_to_ijk(volume_node, point_ras)
-        earlier = [made for made in self._edits.get(self._key(segmentation_node), []) if made is not None] \
-            if segmentation_node is not None else []
+        earlier = self._earlier_clicks(segmentation_node)
         return self._start(volume_node, segmentation_node,
                            lambda refiner, ct, labels: refiner.click(ct, labels, point_ijk, positive, earlier),
                            (point_ijk, positive))
@@ -371,6 +372,7 @@ class ClickSession:
             self._history(segmentation_node).SaveState()
             scene.apply_change(segmentation_node, volume_node, change.labels, change.box)
             self._edits.setdefault(self._key(segmentation_node), []).append(made_by)
+            self._read[("labels", segmentation_node)] = (scene.segments_state(segmentation_node, volume_node), change.labels)
         return self._edit(change.message, scene.measure(ct, change.labels), table_node)
 
     def wait(self, table_node=None) -> Edit | None:
@@ -407,8 +409,9 @@ class ClickSession:
         if volume_node is None or segmentation_node is None:
             raise InputError('select the CT volume and the segmentation that "Segment tumors" wrote')
 
-        ct = scene.image_from_volume(volume_node)
-        labels = scene.labels_from_segments(segmentation_node, volume_node)
+        ct = self._kept(("ct", volume_node), scene.volume_state(volume_node), lambda: scene.image_from_volume(volume_node))
+        labels = self._kept(("labels", segmentation_node), scene.segments_state(segmentation_node, volume_node),
+                            lambda: scene.labels_from_segments(segmentation_node, volume_node))
         future = self._thread.submit(lambda: edit(self._refiner_on_thread(), ct, labels))
         self._pending = (future, volume_node, segmentation_node, ct, made_by)
         return True
@@ -417,6 +420,21 @@ class ClickSession:
         if self._refiner is None:
             self._refiner = self._load_refiner()
         return self._refiner
+
+    def _kept(self, key: tuple, state: tuple, read: Callable):
+        """What ``read`` returns, read again only when the scene's ``state`` differs from when it
+        was last read, so that a click does not copy the CT and merge the segments again when the
+        previous click left them as they were."""
+        kept = self._read.get(key)
+        if kept is None or kept[0] != state:
+            kept = self._read[key] = (state, read())
+        return kept[1]
+
+    def _earlier_clicks(self, segmentation_node) -> list:
+        """The clicks among the edits that made the segments' present state (undone ones are forgotten)."""
+        if segmentation_node is None:
+            return []
+        return [made for made in self._edits.get(self._key(segmentation_node), []) if made is not None]
 
     @staticmethod
     def _key(segmentation_node):
