@@ -57,6 +57,7 @@ from LiverTumorDARNLib.io import read_ct, read_image
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import resolve_device
+from LiverTumorDARNLib.regions import bounding_box
 from LiverTumorDARNLib.weights import bundled_models_dir, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def next_click(labels: np.ndarray, truth: np.ndarray, spacing_zyx) -> tuple[tupl
     if largest is None:
         return None
     size, positive, components, number = largest
-    box = ndimage.find_objects(components == number)[0]
+    box = bounding_box(components == number)
     depth = ndimage.distance_transform_edt(np.pad(components[box] == number, 1), sampling=spacing_zyx)
     deepest = np.unravel_index(np.argmax(depth), depth.shape)
     return tuple(int(d - 1 + b.start) for d, b in zip(deepest, box)), positive, size
