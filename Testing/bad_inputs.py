@@ -1,7 +1,7 @@
 """What a hospital user or an attacker hands the tool, each case made in a folder, with the outcome
 it must get: the exit status and a fragment of the one line the command ends with.
 
-Shared by Testing/test_bad_inputs.py (the specification) and tools/bad_input_table.py (the table
+Shared by Testing/test_bad_inputs.py (the specification) and Testing/bad_input_table.py (the table
 in docs/bad-inputs.md), so the table shows exactly what the tests check. Besides its own outcome,
 every case must change no file that was there before the command and leave no new one.
 """

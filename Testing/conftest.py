@@ -1,18 +1,50 @@
-"""Fixtures shared by the command-line tests: tiny random weights exported as the real ones are,
-(both DARN stages and the refinement network) and small phantom CT files. Random weights make the labels arbitrary but deterministic: the tests
-that use them check files, grids, refusals and messages, never accuracy. Both stages work at 4 mm
-so that a case takes a second, not the half minute a 1.5 mm tumor stage takes."""
+"""What every test shares: one thread per process, tiny weights, small CT files.
 
-import pytest
-import torch
+Threads. Every test process, and every process a test starts (the Slicer worker, torchrun ranks,
+case workers, an installed command), runs PyTorch and OpenMP on one thread. The tiny test networks
+run fastest that way, and on a machine whose cores are busy, threads that wait for each other make
+the suite several times slower. The setting is made
+here, before torch is imported, and restored after each test, so that no test (training sets its
+own thread count) passes its setting on to the next.
 
-from LiverTumorDARNLib.io import write_image
-from LiverTumorDARNLib.models import build_model
-from LiverTumorDARNLib.phantom import generate_case
-from LiverTumorDARNLib.training import save_checkpoint
-from LiverTumorDARNLib.weights import export_checkpoint
+Weights. Tiny random weights exported as the real ones are (both DARN stages and the refinement
+network). Random weights make the labels arbitrary but deterministic: the tests that use them check
+files, grids, refusals and messages, never accuracy. Both stages work at 4 mm, on a patch that
+covers a small phantom's width in one window (:data:`TINY_PATCH`), so that a small phantom is
+segmented in a few network passes, not the hundred and more of the stages' own patches (the
+sliding window itself is tested in test_pipeline.py).
+"""
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # noqa: E402  (before torch)
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from LiverTumorDARNLib.io import write_image  # noqa: E402
+from LiverTumorDARNLib.models import build_model  # noqa: E402
+from LiverTumorDARNLib.phantom import generate_case  # noqa: E402
+from LiverTumorDARNLib.training.checkpoints import save_checkpoint  # noqa: E402
+from LiverTumorDARNLib.weights import export_checkpoint  # noqa: E402
 
 TINY = {"encoder_widths": (4, 8, 16), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1}
+TINY_PATCH = (64, 104, 104)
+"""(z, y, x): a small phantom at 4 mm is about 100 x 100 voxels in plane."""
+THREADS = 1
+
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +53,7 @@ def models_dir(tmp_path_factory):
     torch.manual_seed(0)
     for name, classes in (("liver", 2), ("tumor", 3)):
         config = {**TINY, "num_classes": classes}
-        stage = {"name": name, "spacing_mm": (4.0,) * 3, "num_classes": classes, "patch_size": (32, 32, 32)}
+        stage = {"name": name, "spacing_mm": (4.0,) * 3, "num_classes": classes, "patch_size": TINY_PATCH}
         checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
                                       "stage": stage}, folder / f"{name}.pt")
         export_checkpoint(checkpoint, folder, note="random weights for tests")
@@ -38,3 +70,32 @@ def ct_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ct") / "case-7.nii.gz"
     write_image(generate_case(7, small=True).image, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory):
+    """The wheel ``python -m build`` makes of this checkout, installed without dependencies into a
+    folder of its own (torch and the others come from the test environment): (folder, wheel)."""
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, source / name)
+    shutil.copytree(root / "LiverTumorDARN", source / "LiverTumorDARN",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    dist, target = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("installed")
+    _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(source)])
+    (wheel,) = dist.glob("*.whl")
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)])
+    return target, wheel
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def run_installed(installed: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed ``livertumordarn`` command, run from ``cwd`` with only the installed copy of
+    the libraries on the path (PYTHONPATH comes before the editable install of the checkout)."""
+    return subprocess.run([str(installed / "bin" / "livertumordarn"), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(installed)})

@@ -168,7 +168,7 @@ def test_weights_trained_on_label_maps_name_the_data_sets_and_their_licences(abd
     import json
 
     from LiverTumorDARNLib.models import build_model
-    from LiverTumorDARNLib.training import save_checkpoint
+    from LiverTumorDARNLib.training.checkpoints import save_checkpoint
     from LiverTumorDARNLib.weights import export_checkpoint
 
     architecture = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1, "num_classes": 2}

@@ -18,6 +18,7 @@ from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.phantom import generate_case
 
+pytestmark = pytest.mark.slow
 GOOD = ("case-1", "case-2", "case-4", "case-5")
 
 
@@ -107,8 +108,7 @@ def test_torchrun_ranks_share_the_cases_and_all_finish_though_one_failed(inputs,
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "LiverTumorDARNLib.cli", "segment", str(cases), "-o", str(tmp_path / "out"),
                "--models", str(models_dir), "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0  # rank 0 had the corrupt case
     assert "2 of 3 cases segmented" in result.stdout and "3 of 3 cases segmented" in result.stdout
     rows = summary(tmp_path / "out")

@@ -1,4 +1,5 @@
-"""The bundled weights, as a fresh clone runs them: `livertumordarn demo` on CPU.
+"""The bundled weights, as a user who installed the package runs them: `livertumordarn demo` on
+the CPU, from the wheel (test_package.py), in a folder of its own.
 
 The demo segments its sample phantom (seed 850000, never trained on: see phantom.SAMPLE_SEED) and
 prints the Dice against the known truth. The floors sit well below what the weights score (the
@@ -7,8 +8,6 @@ orientation, not a change of a few hundredths. The refiner is tested on corrupte
 second held-out phantom (seed 850002).
 """
 
-import contextlib
-import io
 import re
 
 import cc3d
@@ -18,14 +17,14 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from LiverTumorDARNLib.cli import main
+from conftest import run_installed
 from LiverTumorDARNLib.io import read_ct, read_image
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.metrics import dice
 from LiverTumorDARNLib.phantom import SAMPLE_SEED, generate_case
 from LiverTumorDARNLib.refine import Refiner
 from LiverTumorDARNLib.regions import widened_mm
-from LiverTumorDARNLib.refine_training import corrupted_map
+from LiverTumorDARNLib.training.refine_task import corrupted_map
 from LiverTumorDARNLib.weights import bundled_models_dir, load_manifest
 
 LIVER_DICE_FLOOR = 0.90
@@ -37,14 +36,16 @@ bundled refiner raises their mean Dice from 0.55 to 0.83 when each has lost a pi
 CUT_TUMOR_DICE_GAIN_FLOOR = 0.10
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """(exit status, output folder, printed text) of one demo run with the bundled weights."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        status = main(["demo", "--out", str(out), "--device", "cpu"])
-    return status, out, printed.getvalue()
+def demo(installed_package, tmp_path_factory):
+    """(exit status, output folder, printed text) of one demo run of the installed command."""
+    folder = tmp_path_factory.mktemp("demo")
+    done = run_installed(installed_package[0], "demo", "--out", "demo", "--device", "cpu", cwd=folder)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.returncode, folder / "demo", done.stdout
 
 
 def printed_dice(text: str, structure: str) -> float:

@@ -102,20 +102,37 @@ def test_the_sample_data_entry_has_its_thumbnail_in_the_modules_icons():
     assert (MODULE_DIR / "Resources" / "Icons" / f"{match.group(1)}.png").is_file()
 
 
-def test_the_readmes_panel_picture_is_drawn_from_the_current_ui_file():
-    """tools/draw_panel.py draws every widget class the .ui file uses, and the committed picture
-    has the height it draws now (a row added to the .ui file without redrawing would change it)."""
+def _draw_panel_tool():
     import importlib.util
-
-    from PIL import Image
 
     spec = importlib.util.spec_from_file_location("draw_panel", ROOT / "tools" / "draw_panel.py")
     draw_panel = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(draw_panel)
+    return draw_panel
+
+
+def test_the_readmes_panel_picture_is_drawn_from_the_current_ui_file():
+    """tools/draw_panel.py draws every widget class the .ui file uses, and the committed picture
+    has the height it draws now (a row added to the .ui file without redrawing would change it)."""
+    from PIL import Image
+
+    draw_panel = _draw_panel_tool()
     used = set(re.findall(r'<widget class="(\w+)"', UI_FILE.read_text())) - {"qMRMLWidget"}
     assert used <= draw_panel.WIDGETS.keys(), f"draw_panel.py cannot draw {sorted(used - draw_panel.WIDGETS.keys())}"
     with Image.open(draw_panel.OUTPUT) as committed:
         assert draw_panel.draw_panel().size == committed.size, "redraw it: .venv/bin/python tools/draw_panel.py"
+
+
+def test_the_extensions_screenshot_is_the_panel_beside_the_demos_result():
+    """Not a copy of another picture: the committed panel and demo pictures, put side by side."""
+    import numpy as np
+    from PIL import Image
+
+    draw_panel = _draw_panel_tool()
+    with Image.open(draw_panel.OUTPUT) as panel, Image.open(draw_panel.DEMO_PICTURE) as result, \
+            Image.open(draw_panel.SCREENSHOT) as committed:
+        np.testing.assert_array_equal(np.asarray(committed.convert("RGB")), np.asarray(draw_panel.screenshot(panel, result)))
+    assert (ROOT / "Resources" / "Screenshot.png").read_bytes() != (ROOT / "Resources" / "phantoms.png").read_bytes()
 
 
 def test_the_module_script_compiles(tmp_path):
@@ -182,7 +199,7 @@ def test_the_extension_depends_on_pytorch():
     assert _cmake_set("EXTENSION_DEPENDS") == "PyTorch"
 
 
-@pytest.mark.parametrize("path", sorted(CORE_DIR.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CORE_DIR.rglob("*.py")), ids=lambda p: p.relative_to(CORE_DIR).as_posix())
 def test_the_core_package_never_imports_slicer_qt_ctk_or_vtk(path):
     gui_import = re.compile(r"^\s*(?:import|from)\s+(slicer|qt|ctk|vtk|vtkmodules|__main__)\b", flags=re.MULTILINE)
     found = gui_import.findall(path.read_text())

@@ -14,6 +14,7 @@ import torch
 
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import to_canonical
+from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.metrics import dice
 from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.pipeline import (STAGES, Stage, drop_unconfident_tumors, gaussian_importance, load_stages,
@@ -230,3 +231,23 @@ def test_report_measures_the_tumors_of_a_label_map():
     assert tumor.longest_axial_diameter_mm == pytest.approx(30, abs=3.5)
     assert tumor.mean_hu == pytest.approx(TUMOR_HU)
     assert report.tumor_burden_percent == pytest.approx(100 * (15 / 45) ** 3, rel=0.06)
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1)], ids=["LPS", "RPI"])
+def test_tumors_of_equal_size_are_numbered_in_the_canonical_grids_order(direction):
+    """Twenty one-voxel and twenty two-voxel tumors along a canonical row: among equals, the one
+    nearer the patient's right comes first, however the file stores its axes."""
+    canonical = np.zeros((3, 5, 162), np.uint8)
+    canonical[1, 2, 2::4] = TUMOR
+    canonical[1, 2, 3::8] = TUMOR  # every other tumor grows to two voxels
+    labels = sitk.GetImageFromArray(canonical)
+    ct = sitk.GetImageFromArray(np.zeros(canonical.shape, np.int16))
+    stored_labels, stored_ct = (sitk.DICOMOrient(image, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        direction)) for image in (labels, ct))
+    report = measure(stored_ct, stored_labels)
+    by_size = {}
+    for tumor in report.tumors:
+        by_size.setdefault(tumor.volume_ml, []).append((tumor.id, tumor.centroid_mm[0]))
+    assert sorted(len(tumors) for tumors in by_size.values()) == [20, 20]
+    for tumors in by_size.values():
+        assert [x for _, x in sorted(tumors)] == sorted(x for _, x in tumors)

@@ -17,7 +17,6 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from LiverTumorDARNLib import refine_training
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
@@ -25,16 +24,15 @@ from LiverTumorDARNLib.label_edits import trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
-from LiverTumorDARNLib.phantom import write_dataset
-from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, liver_hu,
                                        patch_around, patch_inputs)
+from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import LIVER_REACH_MM, Refiner
 from LiverTumorDARNLib.regions import ball, on_region
-from LiverTumorDARNLib.refine_training import (CORRUPTIONS, RefineConfig, corrupt, draw_sample, make_scan, start_from,
-                                               train_refiner)
-from LiverTumorDARNLib.training import save_checkpoint
-from LiverTumorDARNLib.weights import export_checkpoint, load_model
+from LiverTumorDARNLib.training import refine_task
+from LiverTumorDARNLib.training.checkpoints import save_checkpoint
+from LiverTumorDARNLib.training.refine_task import CORRUPTIONS, corrupt, draw_sample, make_scan
+from LiverTumorDARNLib.weights import export_checkpoint
 
 LIVER_HU, TUMOR_HU = 60, 160
 CPU = torch.device("cpu")
@@ -81,8 +79,6 @@ def scan(tumors_ijk_mm, direction=FLIPS["identity"], spacing=(0.8, 0.8, 2.5), si
 
 def shrunk(labels: np.ndarray) -> np.ndarray:
     """The label map with every tumor's outer layer given to the liver: a coarse mask to refine."""
-    from scipy import ndimage
-
     coarse = labels.copy()
     coarse[(labels == TUMOR) & ~ndimage.binary_erosion(labels == TUMOR, np.ones((1, 3, 3)))] = LIVER
     return coarse
@@ -122,11 +118,6 @@ class Recorder(Echo):
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * (a & b).sum() / (a.sum() + b.sum())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    torch.set_num_threads(2)
 
 
 def test_patch_is_an_isotropic_cube_centred_on_the_tumor():
@@ -530,23 +521,6 @@ def test_refine_weights_whose_manifest_misstates_their_channels_are_refused(tmp_
         Refiner.load(tmp_path, "cpu")
 
 
-def test_a_click_network_started_from_a_two_channel_one_computes_what_it_did_whatever_the_clicks(tmp_path):
-    torch.manual_seed(0)
-    export_refiner(tmp_path)
-    clicking = build_model({"architecture": "refine", "widths": (4, 8), "in_channels": 4}).eval()
-    start_from(clicking, tmp_path)
-    inputs = torch.randn(1, 4, 16, 16, 16)
-    with torch.inference_mode():
-        before = load_model(tmp_path, "refine")[0](inputs[:, :2])
-        assert torch.allclose(clicking(inputs), before, atol=1e-5)
-
-
-def test_starting_from_a_refine_network_of_other_widths_is_refused(tmp_path):
-    export_refiner(tmp_path)
-    with pytest.raises(InputError, match="another architecture"):
-        start_from(build_model({"architecture": "refine", "widths": (4, 8, 16), "in_channels": 4}), tmp_path)
-
-
 # ------------------------------------------------------------------ training samples
 
 
@@ -578,12 +552,12 @@ def test_a_click_sample_starts_from_the_seed_a_click_on_the_missed_tumor_grows(m
     ct, labels = scan([((24, 22, 10), 6.0)])
     truth = sitk.GetImageFromArray(labels)
     truth.CopyInformation(ct)
-    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("click",))
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", ("click",))
     inputs, target = draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0))
     assert dice(inputs[1] > 0.5, target.astype(bool)) > 0.9  # a bright tumor's seed is the tumor
 
 
-def truth_scan(tumors_ijk_mm, **geometry) -> refine_training.Scan:
+def truth_scan(tumors_ijk_mm, **geometry) -> refine_task.Scan:
     ct, labels = scan(tumors_ijk_mm, **geometry)
     truth = sitk.GetImageFromArray(labels)
     truth.CopyInformation(ct)
@@ -591,7 +565,7 @@ def truth_scan(tumors_ijk_mm, **geometry) -> refine_training.Scan:
 
 
 def click_samples(kind: str, monkeypatch, count: int = 12) -> list[tuple[np.ndarray, np.ndarray]]:
-    monkeypatch.setattr(refine_training, "CORRUPTIONS", (kind,))
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", (kind,))
     training_scan = truth_scan([((24, 22, 15), 6.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
     rng = np.random.default_rng(0)
     return [draw_sample(training_scan, rng, with_clicks=True) for _ in range(count)]
@@ -626,54 +600,5 @@ def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):
     ct, labels = scan([((24, 22, 10), 6.0)])
     truth = sitk.GetImageFromArray(labels)
     truth.CopyInformation(ct)
-    monkeypatch.setattr(refine_training, "CORRUPTIONS", ("darn",))
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", ("darn",))
     assert draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0)) is None
-
-
-@pytest.mark.parametrize("option", [["--models", "weights"], ["--darn-fraction", "0.5"]])
-def test_refinement_options_are_refused_for_the_darn_stages(option, tmp_path, capsys):
-    assert main(["train", "--stage", "tumor", "--out", str(tmp_path), *option]) == 2
-    assert "option of --stage refine" in capsys.readouterr().err
-
-
-def tiny_training(out_dir, lits, models_dir, **changes) -> RefineConfig:
-    settings = dict(out_dir=out_dir, data=lits, models_dir=models_dir, iterations=2, batch_size=2, pool_size=1,
-                    refresh_every=100, val_cases=1, val_every=2, widths=(4, 8), device="cpu")
-    return RefineConfig(**{**settings, **changes})
-
-
-@pytest.fixture(scope="module")
-def lits_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lits")
-    write_dataset(folder, count=3, seed=5, small=True)
-    return folder
-
-
-def test_refinement_trains_on_a_lits_folder_and_scores_coarse_and_refined_masks(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 2 and (tmp_path / "best.pt").exists()
-    assert set(checkpoint["val_scores"]) == {"coarse", "refined"}
-
-
-def test_refinement_training_resumes_at_the_saved_iteration(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir))
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, iterations=4, resume=True))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 4 and int(checkpoint["optimizer"]["state"][0]["step"]) == 4
-
-
-def test_refinement_training_with_clicks_starts_from_a_two_channel_network(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path / "run", lits_folder, models_dir, init_from=models_dir, learning_rate=0.0))
-    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    exported = load_model(models_dir, "refine")[0].state_dict()
-    assert trained["model_config"]["in_channels"] == 4
-    first = "encoder.0.0.0.weight"
-    assert torch.equal(trained["model"][first][:, :2], exported[first]) and not trained["model"][first][:, 2:].any()
-
-
-def test_refinement_training_runs_in_bfloat16_on_the_cpu_when_asked(lits_folder, models_dir, tmp_path):
-    train_refiner(tiny_training(tmp_path, lits_folder, models_dir, amp=True))
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["config"]["amp"] is True
-    assert all(value.dtype == torch.float32 for value in checkpoint["model"].values() if value.is_floating_point())

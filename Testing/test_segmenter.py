@@ -22,17 +22,9 @@ from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.pipeline import tumor_confidences
 
 CORE_DIR = Path(__file__).resolve().parents[1] / "LiverTumorDARN" / "LiverTumorDARNLib"
-COMMAND_ONLY = {"cli.py", "training.py", "refine_training.py", "phantom.py"}
+COMMAND_ONLY = {"cli.py", "phantom.py", *(f"training/{path.name}" for path in (CORE_DIR / "training").glob("*.py"))}
 """Core modules whose messages only their own command shows (cli; train; the phantom command's
 file writer), so they may name its flags."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_public_api_imports_from_the_package(tmp_path):
@@ -129,7 +121,8 @@ def _messages_of_input_errors(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CORE_DIR.glob("*.py") if p.name not in COMMAND_ONLY), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in CORE_DIR.rglob("*.py") if p.relative_to(CORE_DIR).as_posix() not in COMMAND_ONLY),
+                         ids=lambda p: p.relative_to(CORE_DIR).as_posix())
 def test_core_messages_name_no_command_line_flag(path):
     """Slicer users read them too: a setting is named by InputError's ``option``, and the command
     line adds its flag."""

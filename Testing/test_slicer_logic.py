@@ -96,16 +96,6 @@ def ijk_to_ras(image: sitk.Image, ijk) -> tuple[float, float, float]:
     return -x, -y, z
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny test networks run fastest on one thread, and a busy machine slows many threads
-    down thirty-fold (measured: 2.4 s against 86 s per case while another job held both cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def mrml_scene():
     logic.register_segmentation_converters()
@@ -240,6 +230,7 @@ def test_a_ras_point_maps_to_the_voxel_that_contains_it_through_the_parent_trans
 # ------------------------------------------------------------------------------ segments
 
 
+@pytest.mark.slow
 def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, command_line_labels):
     volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
@@ -248,6 +239,7 @@ def test_segments_match_the_command_line_label_map_voxel_for_voxel(segmented, co
                                   command_line_labels)
 
 
+@pytest.mark.slow
 def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmented):
     _volume, segmentation = segmented
     ids = logic.module_segment_ids(segmentation)
@@ -259,12 +251,14 @@ def test_segments_have_the_names_colours_and_terminology_slicer_expects(segmente
     assert tumor.GetTerminology() == TUMOR_TERMINOLOGY
 
 
+@pytest.mark.slow
 def test_the_segmentation_takes_the_volume_as_reference_geometry_and_parent_transform(segmented):
     volume, segmentation = segmented
     assert segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
     assert segmentation.GetTransformNodeID() == volume.GetTransformNodeID()
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir, command_line_labels):
     volume, segmentation = earlier_result
     users = np.zeros(command_line_labels.shape, np.uint8)
@@ -282,6 +276,7 @@ def test_a_rerun_replaces_the_module_segments_and_keeps_the_users(earlier_result
                                   command_line_labels)
 
 
+@pytest.mark.slow
 def test_per_tumor_segments_are_the_command_lines_connected_tumors_voxel_for_voxel(segmented_per_tumor,
                                                                                    command_line_labels):
     volume, segmentation = segmented_per_tumor
@@ -297,6 +292,7 @@ def test_per_tumor_segments_are_the_command_lines_connected_tumors_voxel_for_vox
     np.testing.assert_array_equal(segment_masks(segmentation, volume, ids["liver"])[0], command_line_labels == LIVER)
 
 
+@pytest.mark.slow
 def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and_shades_of_its_colour(segmented_per_tumor):
     volume, segmentation = segmented_per_tumor
     tumor_ids = logic.module_segment_ids(segmentation)["tumor"]
@@ -310,6 +306,7 @@ def test_per_tumor_segments_are_numbered_largest_first_with_tumor_codes_role_and
     assert len({s.GetColor() for s in segments[:2]}) == 2, "neighbouring numbers have different shades"
 
 
+@pytest.mark.slow
 def test_a_rerun_per_tumor_replaces_the_module_segments_and_keeps_the_users(earlier_result, models_dir,
                                                                              command_line_labels):
     volume, segmentation = earlier_result
@@ -458,6 +455,19 @@ def test_a_click_in_per_tumor_mode_rewrites_the_clicked_tumors_segment_and_no_ot
     np.testing.assert_array_equal(segment_masks(segmentation, volume, [clicked])[0], (expected.labels == TUMOR) & first)
     np.testing.assert_array_equal(segment_masks(segmentation, volume, [other])[0], other_before)
     assert labelmap_mtime(segmentation, other) == other_mtime, "the other tumor's segment was rewritten"
+
+
+def test_per_tumor_segments_of_equal_size_carry_the_numbers_of_the_report(two_tumors):
+    """The two tumors are of one size, in a volume stored flipped: "Liver tumor n" holds the
+    report's (and the results table's) tumor n."""
+    ct, truth, volume, segmentation = two_tumors
+    labels = shrunk(truth)
+    logic.write_segments(segmentation, volume, labels, per_tumor=True)
+    report = logic.measure(logic.image_from_volume(volume), labels)
+    assert [tumor.volume_ml for tumor in report.tumors] == [report.tumors[0].volume_ml] * 2
+    for tumor in report.tumors:
+        segment_id = tumor_segment_at(segmentation, volume, tumor.centroid_ijk)
+        assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == f"Liver tumor {tumor.id}"
 
 
 @pytest.mark.parametrize("per_tumor, names", [(False, ["Liver", "Liver tumor"]),

@@ -11,17 +11,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from LiverTumorDARNLib.pipeline import load_stages, segment
 
+pytestmark = pytest.mark.slow
 MODULE_DIR = Path(__file__).resolve().parents[1] / "LiverTumorDARN"
 
 
 def run_worker(*args) -> tuple[int, list[dict]]:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]),
-                   "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "LiverTumorDARNSceneLib.worker", *map(str, args)],
                           capture_output=True, text=True, env=environment, timeout=300)
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
@@ -32,7 +33,6 @@ def test_the_worker_writes_the_pipelines_label_map_and_reports_named_stages(ct_f
     assert code == 0
     assert {"liver", "tumor"} <= {r["stage"] for r in records if "stage" in r}
     assert records[-1]["stage"] == "done"
-    torch.set_num_threads(1)
     ct = sitk.ReadImage(str(ct_file))
     expected = segment(ct, *load_stages(models_dir, torch.device("cpu")), torch.device("cpu")).labels
     written = sitk.ReadImage(str(tmp_path / "labels.nrrd"))
@@ -54,7 +54,6 @@ def test_the_worker_applies_the_confidence_floor_it_is_given(ct_file, models_dir
     code, _ = run_worker(ct_file, tmp_path / "labels.nrrd", "--models", models_dir, "--device", "cpu",
                          "--min-tumor-confidence", "0.5")
     assert code == 0
-    torch.set_num_threads(1)
     ct, cpu = sitk.ReadImage(str(ct_file)), torch.device("cpu")
     floored = sitk.GetArrayFromImage(segment(ct, *load_stages(models_dir, cpu, 0.5), cpu).labels)
     unfloored = sitk.GetArrayFromImage(segment(ct, *load_stages(models_dir, cpu), cpu).labels)

@@ -1,6 +1,9 @@
-"""Training: what the loss, the patches, the augmentation, checkpoints and DDP must do (tiny and fast)."""
+"""Training: the one loop every stage runs, and what each stage's task feeds it (tiny and fast)."""
 
-import os
+import contextlib
+import inspect
+import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,23 +13,50 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from LiverTumorDARNLib.cli import build_parser, main
 from LiverTumorDARNLib.errors import InputError
-from LiverTumorDARNLib.phantom import write_dataset
-from LiverTumorDARNLib.training import (
-    NORMALISED_AIR, VALIDATION_SEED_START, PoolCase, TrainConfig, augment, choose_focus,
-    deep_supervision_loss, dice_ce_loss, find_lits_pairs, sample_patch, train,
-)
+from LiverTumorDARNLib.models import DARN, BoundaryRefinementNet
+from LiverTumorDARNLib.phantom import VALIDATION_SEED_START, write_dataset
+from LiverTumorDARNLib.pipeline import STAGES
+from LiverTumorDARNLib.training.augmentation import NORMALISED_AIR, augment
+from LiverTumorDARNLib.training.checkpoints import save_checkpoint
+from LiverTumorDARNLib.training.darn_task import PoolCase, PrepareForStage, choose_focus, sample_patch
+from LiverTumorDARNLib.training.data import PhantomCases, Prepared, case_workers, find_lits_pairs, make_cases
+from LiverTumorDARNLib.training.loop import WORLD_OF_ONE, Trainer, make_task, resolve_amp, train
+from LiverTumorDARNLib.training.losses import deep_supervision_loss, dice_ce_loss
+from LiverTumorDARNLib.training.options import STAGE_DEFAULTS, TrainConfig, config_from_args
+from LiverTumorDARNLib.weights import export_checkpoint, load_model
 
-TINY_MODEL = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem"}
+TINY_DARN = {"encoder_widths": (4, 8), "pyramid_width": 4, "order": "spa_sem"}
+CHECKPOINT_KEYS = {"model", "model_config", "optimizer", "scaler", "iteration", "config", "stage", "best_val_dice",
+                   "val_scores", "replica_checksums"}
 
 
-def tiny_config(out_dir: Path, **changes) -> TrainConfig:
-    """Small phantoms, a two-level model with 4 channels and 16^3 patches: a few iterations a second."""
-    settings = dict(stage="liver", phantom_small=True, pool_size=2, refresh_every=1, iterations=2, batch_size=1,
-                    model=TINY_MODEL, val_cases=1, val_every=2, out_dir=out_dir, device="cpu",
-                    patch_size=(16, 16, 16))
-    settings.update(changes)
-    return TrainConfig(**settings)
+@pytest.fixture(scope="module")
+def lits_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lits")
+    write_dataset(folder, count=3, seed=5, small=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_config(lits_folder, models_dir):
+    """A run of two iterations, cases made in this process: DARN on small phantoms with a two-level
+    network and 16^3 patches; the refinement network (4, 8 wide) on small LiTS-layout cases with the
+    tiny test weights' DARN masks."""
+
+    def config(stage: str, out_dir: Path, **changes) -> TrainConfig:
+        settings = dict(stage=stage, out_dir=out_dir, pool_size=1, refresh_every=1, iterations=2, batch_size=1,
+                        val_cases=1, val_every=2, device="cpu", workers=0)
+        if stage == "refine":
+            settings.update(data=lits_folder, models_dir=models_dir, model={"widths": (4, 8)}, batch_size=2)
+        elif stage == "tumor":
+            settings.update(data=lits_folder, model=TINY_DARN, patch_size=(16, 16, 16))
+        else:
+            settings.update(phantom_small=True, model=TINY_DARN, patch_size=(16, 16, 16))
+        return TrainConfig(**{**settings, **changes})
+
+    return config
 
 
 def logits_for(labels: torch.Tensor, num_classes: int, confidence: float = 20.0) -> torch.Tensor:
@@ -41,6 +71,13 @@ def case_with_tumor() -> PoolCase:
     labels[:3, :3, :3] = 2
     image = np.where(labels > 0, 1.0, -1.0).astype(np.float32)
     return PoolCase.from_arrays(image, labels, num_classes=3)
+
+
+def help_text(*argv: str) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(printed.getvalue().split())  # argparse wraps lines where it likes
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -113,31 +150,7 @@ def test_augmentation_never_mirrors_the_liver_to_the_other_side():
             assert (liver.float().sum((0, 1)) * x).sum() / liver.sum() < 9.5
 
 
-# ------------------------------------------------------------------------------------ runs
-
-
-def test_checkpoint_is_written_and_resume_continues_at_the_saved_iteration(tmp_path):
-    train(tiny_config(tmp_path, iterations=2))
-    first = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert first["iteration"] == 2 and (tmp_path / "best.pt").exists()
-
-    train(tiny_config(tmp_path, iterations=4, resume=True))
-    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert resumed["iteration"] == 4
-    assert int(resumed["optimizer"]["state"][0]["step"]) == 4  # Adam's step count went on from 2
-
-
-def test_a_folder_holding_a_checkpoint_is_not_overwritten_without_resume(tmp_path):
-    train(tiny_config(tmp_path, iterations=1, val_every=1))
-    with pytest.raises(InputError, match="--resume"):
-        train(tiny_config(tmp_path, iterations=1, val_every=1))
-
-
-def test_training_on_a_lits_folder_holds_out_validation_cases(tmp_path):
-    write_dataset(tmp_path / "lits", count=3, seed=5, small=True)
-    train(tiny_config(tmp_path / "out", data=tmp_path / "lits", stage="tumor", iterations=1, val_every=1))
-    checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    assert set(checkpoint["val_scores"]) == {"liver", "tumor", "mean"}
+# ------------------------------------------------------------------------------------ cases
 
 
 def test_lits_files_are_paired_by_case_number_and_unpaired_volumes_are_skipped(tmp_path):
@@ -148,31 +161,117 @@ def test_lits_files_are_paired_by_case_number_and_unpaired_volumes_are_skipped(t
                                                      ("volume-10.nii", "segmentation-10.nii.gz")]
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"data": Path("/no/such/folder")}, "no such folder"),
-    ({"stage": "spleen"}, "unknown stage"),
-    ({"phantom_seed_start": VALIDATION_SEED_START - 1}, "validation phantoms"),
+@pytest.mark.slow
+def test_a_worker_process_makes_the_cases_this_process_makes(tiny_config, tmp_path):
+    source = Prepared(PhantomCases(first_seed=3, stride=1, small=True, randomize_fraction=0.5),
+                      PrepareForStage(STAGES["liver"]))
+    with case_workers(tiny_config("liver", tmp_path, workers=1)) as executor:
+        assert executor is not None
+        made_there = make_cases(source, [0, 1], executor)
+    for there, here in zip(made_there, make_cases(source, [0, 1], None)):
+        np.testing.assert_array_equal(there.image, here.image)
+        np.testing.assert_array_equal(there.labels, here.labels)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="module", params=[pytest.param("tumor", marks=pytest.mark.slow),
+                                        pytest.param("refine", marks=pytest.mark.slow)])
+def finished_run(request, tiny_config, tmp_path_factory):
+    """(stage, folder) of one two-iteration run of a DARN stage and of the refinement network on
+    the small LiTS-layout folder, shared by the tests that read what a run leaves."""
+    stage, out = request.param, tmp_path_factory.mktemp(f"run-{request.param}")
+    train(tiny_config(stage, out))
+    return stage, out
+
+
+def test_a_run_writes_last_and_best_checkpoints_of_the_one_format(finished_run):
+    stage, out = finished_run
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert set(checkpoint) == CHECKPOINT_KEYS and checkpoint["iteration"] == 2
+    assert checkpoint["stage"]["name"] == checkpoint["config"]["stage"] == stage
+    assert (out / "best.pt").exists()
+
+
+def test_validation_scores_the_held_out_cases(finished_run):
+    stage, out = finished_run
+    expected = {"liver", "tumor", "mean"} if stage == "tumor" else {"coarse", "refined"}
+    assert set(torch.load(out / "last.pt", weights_only=True)["val_scores"]) == expected
+
+
+def test_resume_continues_at_the_saved_iteration(finished_run, tiny_config, tmp_path):
+    stage, out = finished_run
+    shutil.copytree(out, tmp_path / "run")
+    train(tiny_config(stage, tmp_path / "run", iterations=3, resume=True))
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 3
+    assert int(resumed["optimizer"]["state"][0]["step"]) == 3  # Adam's step count went on from 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_network(finished_run, tiny_config, tmp_path):
+    stage, out = finished_run
+    other_network = {"widths": (4, 8, 16)} if stage == "refine" else {"encoder_widths": (4, 8, 16)}
+    with pytest.raises(InputError, match="checkpoint was trained for stage"):
+        train(tiny_config(stage, out, iterations=3, resume=True, model=other_network))
+
+
+def test_a_trained_checkpoint_exports_as_the_weights_segment_and_refine_load(finished_run, tmp_path):
+    stage, out = finished_run
+    target = export_checkpoint(out / "last.pt", tmp_path / "models")
+    _, entry = load_model(tmp_path / "models", stage)
+    assert target.name == ("refine.pt" if stage == "refine" else f"darn-{stage}.pt")
+    assert entry["training"]["iterations"] == 2 and entry["training"]["config"]["stage"] == stage
+
+
+def test_an_exported_network_declares_the_input_channels_it_was_trained_with(finished_run, tmp_path):
+    stage, out = finished_run
+    export_checkpoint(out / "last.pt", tmp_path / "models")
+    assert load_model(tmp_path / "models", stage)[1]["model"]["in_channels"] == (4 if stage == "refine" else 1)
+
+
+def test_a_folder_holding_a_checkpoint_is_not_overwritten_without_resume(tiny_config, tmp_path):
+    save_checkpoint({"note": "another run's"}, tmp_path / "last.pt")
+    with pytest.raises(InputError, match="--resume"):
+        train(tiny_config("refine", tmp_path))
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"note": "another run's"}
+
+
+@pytest.mark.parametrize("stage", ["liver", "refine"])
+def test_training_phantoms_that_would_reach_the_validation_seeds_are_refused(tiny_config, tmp_path, stage):
+    with pytest.raises(InputError, match="validation phantoms start at"):
+        train(tiny_config(stage, tmp_path, data=None, phantom_seed_start=VALIDATION_SEED_START - 1))
+
+
+@pytest.mark.parametrize("stage, changes, message", [
+    ("liver", {"data": Path("/no/such/folder")}, "no such folder"),
+    ("spleen", {}, "unknown stage"),
+    ("tumor", {"darn_fraction": 0.5}, "setting of the refine stages"),
+    ("refine", {"model": {"widths": (4, 8), "in_channels": 3}}, "input channels"),
+    ("refine", {"phantom_small": True}, "setting of the DARN stages"),
+    ("liver", {"pool_size": 0}, "pool size must be at least 1"),
+    ("liver", {"randomize_fraction": 1.5}, "must lie in 0..1"),
 ])
-def test_bad_settings_are_refused_with_one_line(tmp_path, changes, message):
+def test_bad_settings_are_refused_with_one_line(tiny_config, tmp_path, stage, changes, message):
     with pytest.raises(InputError, match=message) as refused:
-        train(tiny_config(tmp_path, **changes))
+        train(tiny_config(stage, tmp_path, **changes))
     assert "\n" not in str(refused.value)
 
 
-def test_a_data_folder_without_lits_pairs_is_refused(tmp_path):
+def test_a_data_folder_without_lits_pairs_is_refused(tiny_config, tmp_path):
     (tmp_path / "volume-1.nii.gz").touch()
     with pytest.raises(InputError, match="no volume-K"):
-        train(tiny_config(tmp_path / "out", data=tmp_path))
+        train(tiny_config("liver", tmp_path / "out", data=tmp_path))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_writes_one_checkpoint_with_identical_replicas(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "LiverTumorDARNLib.cli", "train", "--out", str(out), "--small-phantoms", "--iterations", "2",
                "--widths", "4,8", "--patch-size", "16,16,16", "--pool-size", "1", "--val-cases", "1",
                "--batch-size", "1", "--threads", "1", "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("last.pt") == 1  # only rank 0 reports
     checkpoint = torch.load(out / "last.pt", weights_only=True)
@@ -181,49 +280,130 @@ def test_two_process_ddp_run_writes_one_checkpoint_with_identical_replicas(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, scores", [("liver", {"liver", "mean"}), ("refine", {"coarse", "refined"})])
+def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_path, stage, scores):
+    from test_anatomy import made_up_abdomen, write_map
+
+    for k in range(10):  # one of each ten maps of a data set is held out
+        write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
+    train(tiny_config(stage, tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_small=False,
+                      iterations=1, val_every=1))
+    checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == scores
+
+
+def test_a_run_can_start_from_exported_weights_of_the_same_network(tiny_config, tmp_path, models_dir):
+    from conftest import TINY
+
+    same_network = {key: value for key, value in TINY.items() if key != "in_channels"}
+    train(tiny_config("liver", tmp_path, model=same_network, init_from=models_dir, learning_rate=0.0, weight_decay=0.0))
+    trained = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    exported = load_model(models_dir, "liver")[0].state_dict()
+    assert all(torch.equal(trained[key], value) for key, value in exported.items())  # a zero step kept them
+
+
+def refine_trainer(tiny_config, out_dir: Path, in_channels: int) -> Trainer:
+    config = tiny_config("refine", out_dir, model={"widths": (4, 8), "in_channels": in_channels})
+    return Trainer(config, make_task(config), torch.device("cpu"), WORLD_OF_ONE)
+
+
+def test_the_refinement_network_starts_from_exported_weights_as_a_darn_stage_does(tiny_config, tmp_path, models_dir):
+    trainer = refine_trainer(tiny_config, tmp_path, in_channels=2)  # as the test weights' refiner
+    trainer.start_from(models_dir)
+    exported = load_model(models_dir, "refine")[0].state_dict()
+    assert all(torch.equal(trainer.model.state_dict()[key], value) for key, value in exported.items())
+
+
+def test_a_click_refiner_started_from_a_two_channel_one_computes_what_it_did_whatever_the_clicks(
+        tiny_config, tmp_path, models_dir):
+    trainer = refine_trainer(tiny_config, tmp_path, in_channels=4)
+    trainer.start_from(models_dir)
+    inputs = torch.randn(1, 4, 16, 16, 16)
+    with torch.inference_mode():
+        before = load_model(models_dir, "refine")[0](inputs[:, :2])
+        assert torch.allclose(trainer.model.eval()(inputs), before, atol=1e-5)
+
+
+def test_a_two_channel_refiner_does_not_start_from_a_click_one(tiny_config, tmp_path):
+    clicking = refine_trainer(tiny_config, tmp_path / "run", in_channels=4)
+    save_checkpoint(clicking.checkpoint(), tmp_path / "clicks.pt")
+    export_checkpoint(tmp_path / "clicks.pt", tmp_path / "models")
+    with pytest.raises(InputError, match="takes 4 input channels; this run builds one that takes 2"):
+        refine_trainer(tiny_config, tmp_path / "other", in_channels=2).start_from(tmp_path / "models")
+
+
+@pytest.mark.parametrize("stage, message", [("liver", "its liver network is"), ("refine", "its refine network is")])
+def test_starting_from_weights_of_another_network_is_refused(tiny_config, tmp_path, models_dir, stage, message):
+    other = {"widths": (4, 8, 16)} if stage == "refine" else {"encoder_widths": (4, 8, 16)}
+    with pytest.raises(InputError, match=message):
+        train(tiny_config(stage, tmp_path, init_from=models_dir, model=other))
+
+
+def test_the_refinement_network_trains_under_bfloat16_autocast_without_loss_scaling(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # as on an AVX-512 BF16 CPU
+    config = tiny_config("refine", tmp_path, amp=True)
+    trainer = Trainer(config, make_task(config), torch.device("cpu"), WORLD_OF_ONE)
+    precisions = []
+
+    def loss(logits, targets):
+        precisions.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return logits.float().mean()
+
+    monkeypatch.setattr(trainer.task, "loss", loss)
+    inputs = torch.randn(2, config.model["in_channels"], 16, 16, 16).to(memory_format=torch.channels_last_3d)
+    trainer.optimise(inputs, torch.zeros(2, 16, 16, 16, dtype=torch.long))
+    assert precisions == [torch.bfloat16] and not trainer.scaler.is_enabled()
+    assert all(value.dtype == torch.float32 for value in trainer.model.state_dict().values() if value.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------ options
+
+
 @pytest.mark.parametrize("flags, amp", [([], None), (["--amp"], True), (["--no-amp"], False)])
 @pytest.mark.parametrize("stage", ["tumor", "refine"])
 def test_the_amp_option_reaches_the_training_settings_of_every_stage(tmp_path, stage, flags, amp):
-    from LiverTumorDARNLib import refine_training, training
-    from LiverTumorDARNLib.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--stage", stage, "--out", str(tmp_path), *flags])
-    config_from_args = refine_training.config_from_args if stage == "refine" else training.config_from_args
+    args = build_parser(stage).parse_args(["train", "--stage", stage, "--out", str(tmp_path), *flags])
     assert config_from_args(args).amp is amp
 
 
 def test_amp_is_declined_with_a_warning_on_a_cpu_without_native_bfloat16(monkeypatch):
-    from LiverTumorDARNLib.training import resolve_amp
-
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.warns(UserWarning, match="no native bfloat16"):
         assert resolve_amp(True, torch.device("cpu")) is False
     assert resolve_amp(None, torch.device("cpu")) is False
 
 
-def test_training_on_label_maps_validates_on_a_held_out_map(tmp_path):
-    from test_anatomy import made_up_abdomen, write_map
-
-    for k in range(10):  # one of each ten maps of a data set is held out
-        write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
-    train(tiny_config(tmp_path / "out", anatomy=tmp_path / "maps", phantom_small=False, pool_size=1,
-                      iterations=1, val_every=1, patch_size=(16, 16, 16)))
-    checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == {"liver", "mean"}
+def test_train_help_shows_the_defaults_of_the_stage_it_is_asked_for():
+    refine, liver = help_text("train", "--stage", "refine"), help_text("train")
+    assert "--batch-size N default 8" in refine and "--refresh-every N iterations between replacing one case of " \
+                                                      "the pool (default 100)" in refine
+    assert "(default 12,24,48,96)" in refine and "(default 3)" in refine
+    assert "--batch-size N default 2" in liver and "(default 8,16,32,64,128)" in liver
+    assert "--darn-fraction" not in liver and "--small-phantoms" not in refine
 
 
-def test_a_run_can_start_from_exported_weights_of_the_same_network(tmp_path, models_dir):
-    from LiverTumorDARNLib.weights import load_model
-
-    from conftest import TINY
-
-    same_network = {key: value for key, value in TINY.items() if key != "in_channels"}
-    train(tiny_config(tmp_path, model=same_network, init_from=models_dir, learning_rate=0.0, weight_decay=0.0))
-    trained = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
-    exported = load_model(models_dir, "liver")[0].state_dict()
-    assert all(torch.equal(trained[key], value) for key, value in exported.items())  # a zero step kept them
+def test_the_refinement_stage_draws_on_label_maps_too_with_its_own_phantom_share():
+    refine = help_text("train", "--stage", "refine")
+    assert "--anatomy DIR" in refine and "--phantom-fraction P with --anatomy: share of phantoms among the " \
+                                             "training cases (default 0.2)" in refine
 
 
-def test_starting_from_weights_of_another_network_is_refused(tmp_path, models_dir):
-    with pytest.raises(InputError, match="its liver network is"):
-        train(tiny_config(tmp_path, init_from=models_dir))
+@pytest.mark.parametrize("stage, option", [("tumor", ["--models", "weights"]), ("tumor", ["--darn-fraction", "0.5"]),
+                                           ("refine", ["--order", "sem_spa"]), ("refine", ["--small-phantoms"])])
+def test_an_option_of_another_stage_is_a_usage_error(tmp_path, capsys, stage, option):
+    with pytest.raises(SystemExit) as refusal:
+        main(["train", "--stage", stage, "--out", str(tmp_path), *option])
+    assert refusal.value.code == 2 and f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
+
+
+def test_options_left_out_keep_the_stages_defaults(tmp_path):
+    args = build_parser("refine").parse_args(["train", "--stage", "refine", "--out", str(tmp_path), "--widths", "6,12"])
+    config = config_from_args(args)
+    assert (config.batch_size, config.refresh_every, config.val_cases) == (8, 100, 3)
+    assert config.model == {"widths": (6, 12), "in_channels": 4}
+
+
+@pytest.mark.parametrize("network, stage, key", [(DARN, "tumor", "encoder_widths"), (BoundaryRefinementNet, "refine", "widths")])
+def test_each_stage_trains_the_network_its_class_describes_by_default(network, stage, key):
+    assert inspect.signature(network).parameters[key].default == STAGE_DEFAULTS[stage]["model"][key]

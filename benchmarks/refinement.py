@@ -4,7 +4,7 @@
 
 On full-size phantoms from seeds 900000 + k (never trained on), for every true tumor:
 1. Corrupted coarse masks: the tumor eroded, dilated, shifted, smoothed, with a piece missing,
-   with an extra piece, merged with a neighbouring blob (refine_training.corrupt). Dice and VOE
+   with an extra piece, merged with a neighbouring blob (training.refine_task.corrupt). Dice and VOE
    of the coarse mask, of its refinement, and of DARN's own prediction ("re-running DARN"), in
    the tumor's neighbourhood (its box widened by 15 mm).
 2. Good masks (coarse Dice >= 0.9, the true mask included): they must stay as good on average.
@@ -41,7 +41,7 @@ from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import resolve_device
 from LiverTumorDARNLib.refine import Refiner
 from LiverTumorDARNLib.regions import widened_mm
-from LiverTumorDARNLib.refine_training import corrupted_map
+from LiverTumorDARNLib.training.refine_task import corrupted_map
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 
 CORRUPTIONS = ("erode", "dilate", "shift", "smooth", "missing", "extra", "merged")

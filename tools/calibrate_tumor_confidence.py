@@ -1,7 +1,7 @@
 """Choose a weights folder's tumor confidence floor on validation cases, never on the benchmark's.
 
-    .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER [--cases 48] [--first 800010] [--anatomy MAPS] [--write]
-    .venv/bin/python tools/calibrate_tumor_confidence.py FOLDER --data HELD_OUT_LITS_DIR [--write]
+    .venv/bin/python -m tools.calibrate_tumor_confidence FOLDER [--cases 48] [--first 800010] [--anatomy MAPS] [--write]
+    .venv/bin/python -m tools.calibrate_tumor_confidence FOLDER --data HELD_OUT_LITS_DIR [--write]
 
 `segment` gives a tumor component back to the liver when its mean tumor probability is under the
 floor kept in the weights' manifest (``pipeline.drop_unconfident_tumors``). Each case is segmented
@@ -31,9 +31,9 @@ from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import read_ct, read_image, write_json
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.pipeline import tumor_confidences
-from LiverTumorDARNLib.training import find_lits_pairs
+from LiverTumorDARNLib.training.data import find_lits_pairs
 from LiverTumorDARNLib.weights import MANIFEST_NAME, load_manifest
-from validation_seeds import describe_cases, parse_comparison_args, validation_cases  # tools/, the script's own folder
+from tools.validation_seeds import describe_cases, parse_comparison_args, validation_cases
 
 FLOORS = np.round(np.arange(0.0, 0.951, 0.05), 2)
 

@@ -1,6 +1,6 @@
 """Choose between refinement checkpoints on validation phantoms, never on the benchmark's.
 
-    .venv/bin/python tools/compare_refiners.py FOLDER [FOLDER ...] [--cases 8] [--first 800600]
+    .venv/bin/python -m tools.compare_refiners FOLDER [FOLDER ...] [--cases 8] [--first 800600]
 
 Each FOLDER is a weights folder holding a ``refine`` entry (``livertumordarn export`` into a copy
 of the bundled folder). Every true tumor of every phantom goes through the refinement benchmark's
@@ -13,18 +13,13 @@ nor the benchmark (900000 upwards) draws from.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from benchmarks.refinement import print_kind_table, print_size_table, summarize_rows, tumor_experiments
 from LiverTumorDARNLib.phantom import generate_case
 from LiverTumorDARNLib.refine import Refiner
-from validation_seeds import parse_comparison_args  # tools/, the script's own folder
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from refinement import print_kind_table, print_size_table, summarize_rows, tumor_experiments  # noqa: E402
+from tools.validation_seeds import parse_comparison_args
 
 
 def main() -> None:

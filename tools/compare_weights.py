@@ -1,6 +1,6 @@
 """Choose between DARN checkpoints on validation cases, never on the benchmark's.
 
-    .venv/bin/python tools/compare_weights.py FOLDER [FOLDER ...] [--cases 12] [--first 800010] [--anatomy MAPS]
+    .venv/bin/python -m tools.compare_weights FOLDER [FOLDER ...] [--cases 12] [--first 800010] [--anatomy MAPS]
 
 Each FOLDER is a weights folder written by `livertumordarn export`. Every phantom runs through
 the whole pipeline with each folder; the tumor Dice per case and global are printed. Training
@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from LiverTumorDARNLib import Segmenter
 from LiverTumorDARNLib.metrics import evaluate_case, summarize
-from validation_seeds import parse_comparison_args, validation_cases  # tools/, the script's own folder
+from tools.validation_seeds import parse_comparison_args, validation_cases
 
 
 def main() -> None:

@@ -1,14 +1,15 @@
-"""Draw the Slicer module's panel from its Qt Designer file, for the README.
+"""Draw the Slicer module's panel from its Qt Designer file, for the README, and the Extensions
+Index screenshot: that panel beside the demo's result.
 
-    .venv/bin/python tools/draw_panel.py [OUT.png]
+    .venv/bin/python tools/draw_panel.py
 
 Reads LiverTumorDARN/Resources/UI/LiverTumorDARN.ui and lays it out the way Qt would, simplified:
 collapsible sections one under the other, form rows as label | field (or one field across both
 columns), and each widget in its state from the .ui file (a disabled one greyed), in the colours of
 Slicer's light theme. The 3D Slicer application cannot run on the development machine, so this is a
 drawing of the .ui file, not a screenshot: it shows which controls there are, in which order, with
-which texts. Re-run it after every change of the .ui file (default output: Resources/panel.png);
-a layout test checks that the picture's size still matches. Pillow (from highdicom) and matplotlib's
+which texts. Re-run it after every change of the .ui file (Resources/panel.png) or of the demo's
+picture (Resources/Screenshot.png); layout tests check that both are current. Pillow (from highdicom) and matplotlib's
 DejaVu font (matplotlib comes with vtk) are in the environment already: nothing new to install.
 """
 
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 UI_FILE = ROOT / "LiverTumorDARN" / "Resources" / "UI" / "LiverTumorDARN.ui"
 SCENE_LOGIC = ROOT / "LiverTumorDARN" / "LiverTumorDARNSceneLib" / "scene.py"
 OUTPUT = ROOT / "Resources" / "panel.png"
+DEMO_PICTURE = ROOT / "Resources" / "demo.png"
+SCREENSHOT = ROOT / "Resources" / "Screenshot.png"
 
 WIDTH = 440  # a module panel's usual width in Slicer, in pixels
 SCALE = 2  # drawn at twice the size, then shrunk: smooth edges
@@ -282,7 +285,20 @@ def draw_panel(ui_file: Path = UI_FILE) -> Image.Image:
     return canvas.resize((WIDTH, height), Image.LANCZOS)
 
 
+def screenshot(panel: Image.Image, result: Image.Image) -> Image.Image:
+    """The panel with the demo's result (truth left, segmentation right) to its right, scaled to
+    the panel's height, as the module looks beside the slice view. A composite of two drawings,
+    not a capture of the application, which cannot run on the development machine."""
+    result = result.convert("RGB").resize((round(result.width * panel.height / result.height), panel.height), Image.LANCZOS)
+    canvas = Image.new("RGB", (panel.width + result.width, panel.height), BACKGROUND)
+    canvas.paste(panel.convert("RGB"), (0, 0))
+    canvas.paste(result, (panel.width, 0))
+    return canvas
+
+
 if __name__ == "__main__":
-    output = Path(sys.argv[1]) if len(sys.argv) > 1 else OUTPUT
-    draw_panel().save(output)
-    print(f"wrote {output}")
+    panel = draw_panel()
+    panel.save(OUTPUT)
+    with Image.open(DEMO_PICTURE) as result:
+        screenshot(panel, result).save(SCREENSHOT)
+    print(f"wrote {OUTPUT} and {SCREENSHOT}")

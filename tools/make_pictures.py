@@ -1,5 +1,5 @@
-"""Draw the README's pictures, the extension icon, the Sample Data thumbnail and the Extensions
-Index screenshot.
+"""Draw the pictures of the README and docs/, the extension icon and the Sample Data thumbnail
+(the panel and the Extensions Index screenshot: tools/draw_panel.py).
 
     .venv/bin/python tools/make_pictures.py [gallery] [anatomy] [icons] [demo]
 
@@ -34,7 +34,7 @@ ICON_SIZE = 128
 
 
 def gallery() -> None:
-    """The README's phantom gallery, also the Extensions Index screenshot."""
+    """docs/phantoms.md's gallery."""
     overlays = []
     for seed in GALLERY_SEEDS:
         case = generate_case(seed)
@@ -42,7 +42,6 @@ def gallery() -> None:
         print(f"seed {seed}: {case.phase}, {case.orientation}, {len(case.tumors)} tumor(s)")
     picture = montage([resize(rgb, 320) for rgb in overlays], columns=3)
     save_png(picture, ROOT / "Resources" / "phantoms.png")
-    save_png(picture, ROOT / "Resources" / "Screenshot.png")
 
 
 def anatomy() -> None:

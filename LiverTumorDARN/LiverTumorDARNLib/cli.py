@@ -142,10 +142,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.stage == "refine":
-        from .refine_training import run
-    else:
-        from .training import run
+    from .training.loop import run
+
     return run(args)
 
 
@@ -167,59 +165,11 @@ def _probability(text: str) -> float:
     return value
 
 
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def build_parser(train_stage: str = "liver") -> argparse.ArgumentParser:
+    """The command's parser; ``train`` gets the options and defaults of ``train_stage``, because
+    the stages differ in both (``train --stage refine --help`` shows the refinement network's)."""
+    from .training.options import STAGE_NAMES, add_arguments as add_train_arguments
 
-
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options left out keep training.TrainConfig's defaults (declared here so that the command
-    starts without importing torch)."""
-    parser.add_argument("--stage", choices=("liver", "tumor", "refine"), help="liver (whole CT at 4 mm, default), "
-                        "tumor (liver crop at 1.5 mm) or refine (the boundary-refinement network)")
-    parser.add_argument("--models", type=Path, metavar="DIR",
-                        help="--stage refine: DARN weights whose predictions are coarse masks (default: bundled)")
-    parser.add_argument("--data", type=Path, metavar="DIR",
-                        help="LiTS-layout folder (volume-K / segmentation-K); default: phantoms drawn on the fly")
-    parser.add_argument("--anatomy", type=Path, metavar="DIR",
-                        help="folder of real label maps to draw training CT on (e.g. ../shared/anatomy); "
-                             "every tenth map of each data set is held out for validation")
-    parser.add_argument("--phantom-fraction", type=float,
-                        help="with --anatomy: share of phantoms among the training cases (default 0.2)")
-    parser.add_argument("--init-from", type=Path, metavar="MODELS_DIR",
-                        help="start from this weights folder's network for the stage (fine-tuning)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint folder (last.pt, best.pt)")
-    parser.add_argument("--iterations", type=int, help="default 2000")
-    parser.add_argument("--batch-size", type=int, help="default 2")
-    parser.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-3)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--val-cases", type=int, help="held-out cases for validation (default 2)")
-    parser.add_argument("--val-every", type=int, help="iterations between validations and checkpoints (default 200)")
-    parser.add_argument("--pool-size", type=int, help="cases held in memory (default 8)")
-    parser.add_argument("--refresh-every", type=int, help="iterations between replacing one pool case (default 10)")
-    parser.add_argument("--randomize-fraction", type=float, help="share of domain-randomised phantoms (default 0.5)")
-    parser.add_argument("--darn-fraction", type=float,
-                        help="--stage refine: share of training scans DARN segments for coarse masks (default 0.25)")
-    parser.add_argument("--phantom-seed-start", type=int, help="first training phantom seed (below 800000)")
-    parser.add_argument("--small-phantoms", action="store_true", help="96x96 phantoms at ~4 mm")
-    parser.add_argument("--widths", type=_positive_ints, help="encoder widths, one per level (default 8,16,32,64,128)")
-    parser.add_argument("--order", choices=("spa_sem", "sem_spa"), help="refinement order (default spa_sem)")
-    parser.add_argument("--patch-size", type=_positive_ints, help="z,y,x patch size (default: the stage's)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int, help="CPU threads per process (default: PyTorch's choice)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (AVX-512 BF16 "
-                             "or AMX), where a step is 1.5-2x faster; ignored with a warning on other CPUs, where it "
-                             "would be many times slower (default: on for CUDA only)")
-
-
-def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description="Liver and liver-tumor segmentation of contrast-enhanced CT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -322,10 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     train = commands.add_parser(
-        "train", help="train a DARN stage on a LiTS-layout folder or on phantoms",
-        description="Train one stage of the cascade on volume-K / segmentation-K pairs (the LiTS "
-                    "layout) or on phantoms drawn on the fly. Runs under torchrun for several GPUs.")
-    _add_train_arguments(train)
+        "train", help="train a DARN stage or the refinement network on phantoms or a LiTS-layout folder",
+        description=f"Train one stage on phantoms drawn on the fly, CT drawn on real label maps or "
+                    f"volume-K / segmentation-K pairs (the LiTS layout). Runs under torchrun "
+                    f"for several GPUs. The options and defaults shown are the {train_stage} stage's; "
+                    f"'train --stage STAGE --help' shows those of another stage ({', '.join(STAGE_NAMES)}).")
+    add_train_arguments(train, train_stage)
     train.set_defaults(run=_train)
 
     export = commands.add_parser(
@@ -346,8 +298,22 @@ def _flag_hint(error: InputError) -> str:
     return f" (--{error.option.replace('_', '-')})" if error.option else ""
 
 
+def _train_stage(argv: list[str]) -> str:
+    """The stage a ``train`` command line asks for (liver unless it names another), read before
+    the real parser is built with that stage's options."""
+    from .training.options import STAGE_NAMES
+
+    if not argv or argv[0] != "train":
+        return "liver"
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage", default="liver")
+    given = stage.parse_known_args(argv[1:])[0].stage
+    return given if given in STAGE_NAMES else "liver"  # the real parser names the choices
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_train_stage(argv)).parse_args(argv)
     try:
         return args.run(args)
     except InputError as error:

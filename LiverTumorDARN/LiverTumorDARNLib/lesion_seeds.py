@@ -6,15 +6,13 @@ the liver, connected to the click: a lesion is defined by its contrast against t
 whichever sign it has. A click outside the liver of the label map (a lesion the liver stage left
 out, as it often leaves out a large hypodense one at the liver's edge) also takes the voxels
 outside the liver whose HU lies as near the click's, on either side (a band: a one-sided
-threshold would take all the fat and air around a hypodense lesion). Where that region leaks (it reaches ``SEED_REACH_MM`` from the click,
-for instance into a vessel of like HU or along the liver's partial-volume rim) it is opened
-with growing radii, fractions (``SEED_OPENING_FRACTIONS``) of the click's depth inside it,
-until the click's piece is enclosed: what is thinner than the lesion is cut off. Holes (noise
-below the threshold inside the lesion) are filled first, else the click looks shallow. Where
-there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is the seed. From the
-ball alone the network (its iteration-1750 weights) grew no lesion larger than a few mL: on 57
-lesions of validation phantoms (seeds 800500-800523) a click at the lesion's deepest point
-scored Dice 0.40 (on the first 13) from the ball and 0.68 from this seed.
+threshold would take all the fat and air around a hypodense lesion). Where that region leaks
+(it reaches ``SEED_REACH_MM`` from the click, for instance into a vessel of like HU or along the
+liver's partial-volume rim) it is opened with growing radii, fractions (``SEED_OPENING_FRACTIONS``)
+of the click's depth inside it, until the click's piece is enclosed: what is thinner than the
+lesion is cut off. Holes (noise below the threshold inside the lesion) are filled first, else the
+click looks shallow. Where there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is
+the seed: from the ball alone the network grows no lesion beyond a few mL (docs/click-to-refine.md).
 """
 
 from __future__ import annotations

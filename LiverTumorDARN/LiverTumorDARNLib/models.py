@@ -13,9 +13,9 @@ level; the refined levels are aggregated into the segmentation. Spa then Sem ord
 Everything else the paper leaves open. Our choices, each with its reason:
 
 - Channel widths: encoder (8, 16, 32, 64, 128) over five levels and a pyramid width of 16. The
-  model must run on a 2-core CPU inside 3D Slicer (stage 2 sees ~2.3 M voxels in ~30 s) and ship
-  as a small file, so widths are a quarter of nnU-Net's; five levels still let the top level
-  see a 96^3 patch at 1/16 resolution (6^3), i.e. the whole liver context.
+  model must run on a 2-core CPU inside 3D Slicer and ship as a small file, so widths are a
+  quarter of nnU-Net's; five levels let the top level see a stage's 64^3 patch at 1/16 resolution
+  (4^3): at 4 mm that is the whole liver, at 1.5 mm a large part of it.
 - Common pyramid width (FPN-style 1x1x1 lateral projections): SemRef and SpaRef add a neighbour
   level to the current one, which needs equal channel counts.
 - Normalisation: InstanceNorm3d (affine). 3D patches force batch sizes of 1-2, where BatchNorm
@@ -53,12 +53,9 @@ Everything else the paper leaves open. Our choices, each with its reason:
   main logits alone so the exported TorchScript has one output.
 - Loss: Dice + cross-entropy as in nnU-Net; it lives in the training module, not here.
 
-Cost of the default model (in_channels=1, num_classes=3, widths (8, 16, 32, 64, 128), pyramid
-width 16, spa_sem, no deep supervision): 1,543,135 parameters (6.0 MiB float32 TorchScript
-file), about 42.5 GFLOPs per 96^3 voxels (convolutions only, one multiply-add counted as two
-FLOPs, measured with torch.utils.flop_counter.FlopCounterMode; norms, pooling and
-interpolation are not counted). Forward on a [1, 1, 96, 96, 96] input takes about 1 s on two
-CPU threads (torch 2.13, inference mode). See ``forward`` for the divisibility requirement.
+The default model (in_channels=1, num_classes=3, widths (8, 16, 32, 64, 128), pyramid width 16,
+spa_sem, no deep supervision) has 1,543,135 parameters (a 6.0 MiB float32 TorchScript file); its
+measured cost is in docs/results.md. See ``forward`` for the divisibility requirement.
 
 Inference loads only the TorchScript file written by ``export_torchscript``; ``build_model``
 rebuilds the same architecture from the constructor arguments stored in the weights manifest.
@@ -426,6 +423,7 @@ class BoundaryRefinementNet(nn.Module):
         if in_channels < 2:
             raise ValueError(f"the refinement network takes the image and the coarse mask at least, got in_channels={in_channels}")
         self.size_multiple: int = SCALE_BETWEEN_LEVELS ** (levels - 1)
+        self.in_channels: int = in_channels
         self.encoder = nn.ModuleList([
             nn.Sequential(ConvNormAct(in_channels if i == 0 else widths[i - 1], width,
                                       stride=1 if i == 0 else SCALE_BETWEEN_LEVELS, negative_slope=negative_slope),

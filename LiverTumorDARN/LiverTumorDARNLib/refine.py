@@ -16,7 +16,7 @@ Choices and why:
   ``mask_prior``), so its own output is a correction of the mask. Only the correction is brought
   back to the volume's voxels; the mask term is added there, at full resolution. Resampling the
   whole answer from the patch grid (up to 3 mm for a large tumor) blurs every boundary and loses
-  tumors of a few voxels even where the network changes nothing.
+  tumors of a few voxels even where the network changes nothing (docs/click-to-refine.md).
 - Paste-back writes only the voxels whose centres lie inside the patch, so nothing outside the
   patch changes, and the other tumors inside the patch are kept as they were. Tumor grows into
   liver only, as everywhere else in the pipeline, except where a click put it outside.

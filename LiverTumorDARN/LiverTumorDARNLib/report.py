@@ -4,7 +4,9 @@ The longest axial diameter follows RECIST 1.1: the longest in-plane extent of th
 axial slice where it is longest. It is the distance between the centres of the two farthest
 edge pixels plus one pixel spacing (their outer halves), so a lesion one pixel wide measures
 one pixel, not zero; pixel corners would overstate a disk's diameter by up to 40 % of a pixel.
-Tumors are the 26-connected components of label 2, numbered from the largest down.
+Tumors are the 26-connected components of label 2, numbered from the largest down; tumors of equal
+size in the order a raster scan of the canonical grid meets them, so that the numbers do not depend
+on how a file stores its axes and the Slicer module's segments carry the report's numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .errors import InputError
-from .io import source_series_uid, to_canonical, write_json, write_text
+from .io import array_to_reference, source_series_uid, to_canonical, write_json, write_text
 from .labels import TUMOR
 
 
@@ -58,19 +60,17 @@ def measure(ct: sitk.Image, labels: sitk.Image) -> CaseReport:
     label_array = sitk.GetArrayViewFromImage(canonical_labels)
     spacing = np.array(canonical_labels.GetSpacing())  # x, y, z
     voxel_ml = float(np.prod(spacing)) / 1000
-    components = cc3d.connected_components(label_array == TUMOR, connectivity=26)
-    boxes = ndimage.find_objects(components)
-    sizes = np.bincount(components.ravel())[1:]
+    numbers = _numbered_by_size(label_array)
+    sizes = np.bincount(numbers.ravel())[1:]
     tumors = []
-    for rank, index in enumerate(np.argsort(-sizes), start=1):
-        box = boxes[index]
-        mask = components[box] == index + 1
+    for number, box in enumerate(ndimage.find_objects(numbers), start=1):
+        mask = numbers[box] == number
         offset = np.array([s.start for s in box])
         centroid_zyx = np.argwhere(mask).mean(axis=0) + offset
         centroid_mm = canonical_labels.TransformContinuousIndexToPhysicalPoint(centroid_zyx[::-1].tolist())
         tumors.append(TumorMeasurement(
-            id=rank,
-            volume_ml=round(float(sizes[index]) * voxel_ml, 3),
+            id=number,
+            volume_ml=round(float(sizes[number - 1]) * voxel_ml, 3),
             longest_axial_diameter_mm=round(longest_axial_diameter(mask, spacing[:2]), 1),
             centroid_mm=tuple(round(c, 1) for c in centroid_mm),
             centroid_ijk=tuple(int(i) for i in labels.TransformPhysicalPointToIndex(centroid_mm)),
@@ -80,6 +80,24 @@ def measure(ct: sitk.Image, labels: sitk.Image) -> CaseReport:
     tumor_ml = float(sizes.sum()) * voxel_ml
     return CaseReport(round(liver_ml, 2), round(tumor_ml, 3),
                       round(100 * tumor_ml / liver_ml, 3) if liver_ml else 0.0, tumors, source_series_uid(ct))
+
+
+def numbered_tumors(labels: sitk.Image) -> np.ndarray:
+    """The tumors of a label map numbered as the report numbers them (1 the largest): an array
+    [k, j, i] on the map's own grid, 0 outside the tumors."""
+    numbers = _numbered_by_size(sitk.GetArrayFromImage(to_canonical(labels)))  # a copy: a view would outlive its image
+    return sitk.GetArrayFromImage(array_to_reference(numbers, labels))
+
+
+def _numbered_by_size(canonical_labels: np.ndarray) -> np.ndarray:
+    """The 26-connected tumors of a canonical [z, y, x] label array numbered 1, 2, ... from the
+    largest down. cc3d numbers components in raster order; a stable sort keeps that order among
+    tumors of equal size (numpy's default quicksort would not)."""
+    components = cc3d.connected_components(canonical_labels == TUMOR, connectivity=26)
+    sizes = np.bincount(components.ravel())[1:]
+    number_of = np.zeros(len(sizes) + 1, components.dtype)
+    number_of[np.argsort(-sizes, kind="stable") + 1] = np.arange(1, len(sizes) + 1)
+    return number_of[components]
 
 
 def _organ_box(labels: np.ndarray) -> tuple[slice, slice, slice]:

@@ -51,8 +51,12 @@ _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 def bundled_models_dir() -> Path:
-    """``Resources/Models`` of the extension, next to the package."""
-    return Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    """The bundled weights: ``Models`` inside the package where a wheel installed it, else
+    ``Resources/Models`` of the Slicer module next to the package (the source tree, an editable
+    install, the Slicer extension)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "Models"
+    return installed if installed.is_dir() else package.parent / "Resources" / "Models"
 
 
 def load_manifest(models_dir: Path) -> dict:
@@ -194,6 +198,8 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
+    if not is_darn:  # the runtime gives the clicks only to a network whose entry declares them
+        architecture["in_channels"] = model.in_channels
     _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES, overwrite)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {

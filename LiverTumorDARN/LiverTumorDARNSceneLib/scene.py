@@ -149,6 +149,12 @@ def image_from_volume(volume_node) -> sitk.Image:
     voxels = slicer.util.arrayFromVolume(volume_node)
     if voxels.ndim != 3:
         raise InputError(f"{volume_node.GetName()}: voxels have shape {voxels.shape}; expected a 3D scalar volume")
+    return on_volume_grid(voxels, volume_node)
+
+
+def on_volume_grid(array: np.ndarray, volume_node) -> sitk.Image:
+    """A [k, j, i] array of the volume's grid as a SimpleITK image placed where the volume lies in
+    world LPS coordinates."""
     ijk_to_lps = RAS_TO_LPS @ world_ijk_to_ras(volume_node)
     columns = ijk_to_lps[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
@@ -156,7 +162,7 @@ def image_from_volume(volume_node) -> sitk.Image:
     if not np.allclose(direction.T @ direction, np.eye(3), atol=ORTHOGONALITY_TOLERANCE):
         raise InputError(f"{volume_node.GetName()}: its voxel axes are not perpendicular in world space "
                          f"(a sheared transform); harden a rigid transform only")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels))  # [k, j, i] -> size (i, j, k)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))  # [k, j, i] -> size (i, j, k)
     image.SetSpacing(spacing.tolist())
     image.SetDirection(direction.ravel().tolist())
     image.SetOrigin(ijk_to_lps[:3, 3].tolist())
@@ -345,22 +351,22 @@ def write_segments(segmentation_node, volume_node, labels: np.ndarray, per_tumor
         _replace_segment(segmentation_node, tumor_id, labels == TUMOR, volume_node)
         return {"liver": [liver_id], "tumor": [tumor_id]}
     tumor_ids = []
-    for number, (mask, box) in enumerate(tumors_by_size(labels), start=1):
+    for number, (mask, box) in enumerate(tumors_by_size(labels, volume_node), start=1):
         tumor_ids.append(_add_segment(segmentation_node, TUMOR_SEGMENT, number))
         _replace_segment(segmentation_node, tumor_ids[-1], mask, volume_node, box)
     return {"liver": [liver_id], "tumor": tumor_ids}
 
 
-def tumors_by_size(labels: np.ndarray) -> list[tuple[np.ndarray, tuple[slice, slice, slice]]]:
-    """Each 26-connected tumor of ``labels`` (as the report counts them), largest first: its mask on
-    its bounding box, and that box."""
-    import cc3d
+def tumors_by_size(labels: np.ndarray, volume_node) -> list[tuple[np.ndarray, tuple[slice, slice, slice]]]:
+    """Each 26-connected tumor of ``labels`` ([k, j, i] on the volume's grid) in the report's order
+    (largest first; equal sizes as the report orders them, which depends on the volume's world
+    axes): its mask on its bounding box, and that box."""
     from scipy import ndimage
 
-    components = cc3d.connected_components(labels == TUMOR, connectivity=26)
-    boxes = ndimage.find_objects(components)
-    sizes = np.bincount(components.ravel())[1:]
-    return [(components[boxes[index]] == index + 1, boxes[index]) for index in np.argsort(-sizes, kind="stable")]
+    from LiverTumorDARNLib.report import numbered_tumors
+
+    numbers = numbered_tumors(on_volume_grid(labels.astype(np.uint8), volume_node))
+    return [(numbers[box] == number, box) for number, box in enumerate(ndimage.find_objects(numbers), start=1)]
 
 
 def _add_segment(segmentation_node, spec: Segment, number: int | None = None) -> str:

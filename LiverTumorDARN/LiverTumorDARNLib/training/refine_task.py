@@ -1,7 +1,7 @@
 """Training the boundary-refinement network: (image patch, coarse-mask patch, clicks) in, true tumor out.
 
 The coarse masks are what the network will be given in use:
-- DARN's own predictions on the training scans (the bundled weights, or ``--models``), and
+- DARN's own predictions on the training scans (the bundled weights, or ``models_dir``), and
 - synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
   a missing piece, an extra piece, merged with a neighbouring blob, the seed of a click on the
   tumor as if it were missed (``lesion_seeds.lesion_seed`` at a point inside it: "click"), the seed ball
@@ -13,33 +13,32 @@ tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two class
 
 A network with click channels (``in_channels`` 4, the default) is trained on simulated click
 sequences, as interactive segmentation networks are (:func:`simulated_clicks`): up to
-``MAX_SIMULATED_CLICKS`` clicks on the coarse mask's errors, largest first, each at the error's
-deepest point or at another deep point (people do not click on the exact centre), positive on
-missed tumor and negative on false tumor, the largest last (the newest click, on which
-inference centres the patch), and at times a click on a part already right (an earlier click
-that was followed). A good mask mostly gets no click, so good masks stay good. ``--init-from``
-starts from a weights folder's refinement network; a 2-channel one (trained before clicks) gets
-zero weights for the click channels, so the run starts from exactly that network.
+``MAX_SIMULATED_CLICKS`` clicks on the coarse mask's errors, each at the error's deepest point or
+at another deep point (people do not click on the exact centre), positive on missed tumor and
+negative on false tumor, the largest error last (the newest click, on which inference centres
+the patch), and at times a click on a part already right (an earlier click that was followed).
+A good mask mostly gets no click, so good masks stay good. ``init_from`` may start such a network
+from a 2-channel one (trained before the clicks): the click channels start at zero weights
+(``loop.Trainer.start_from``), so the run starts from exactly that network.
 
-Scans come from phantoms, from CT drawn on real label maps (``--anatomy``: ``anatomy.draw_case``
-on the maps ``anatomy.split_maps`` keeps for training, validation on the maps it holds out; a
-``phantom_fraction`` of phantoms all the same) or from a LiTS-layout ``--data`` folder.
-
-Phantoms are full-size, half of them domain-randomised. A pool of scans is held in memory and one
-is replaced every ``refresh_every`` steps. Many
+Scans are full-size phantoms, CT drawn on real label maps (``anatomy``, a ``phantom_fraction`` of
+phantoms among them) or LiTS-layout ``data``, from the loop's pool (``data.py``). Many
 scans matter more than many steps: on a pool replaced slowly the network learned the pool's
 tumors by heart (training loss falling, held-out Dice falling with it). A DARN run costs twice
 the drawing of a phantom, so only ``darn_fraction`` of the training scans get DARN's masks.
-Validation: a fixed set of samples from held-out seeds, scored by mean patch Dice; ``best.pt``
+Validation: a fixed set of samples from held-out scans, scored by mean patch Dice; ``best.pt``
 keeps the best. ``export`` turns a checkpoint into ``refine.pt`` in the weights manifest.
+
+The network runs in channels-last memory and, with ``amp``, under bfloat16 autocast: both are
+oneDNN's fast path on the CPU, and bfloat16 needs no loss scaling.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import cc3d
 import numpy as np
@@ -47,23 +46,23 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from .errors import InputError
-from .io import read_ct, read_image
-from .labels import LIVER, TUMOR
-from .metrics import dice
-from .models import build_model
-from .phantom import VALIDATION_SEED_START, generate_case
-from .pipeline import load_stages, segment
-from .label_edits import paste_tumor
-from .lesion_seeds import SEED_RADIUS_MM, lesion_seed
-from .patches import (CLICK_CHANNELS, IMAGE_CHANNELS, PATCH_SIZE, Click, index_bounds, labels_to_patch, liver_hu,
-                      patch_around, patch_inputs)
-from .regions import Box, ball, on_region, widened_mm
-from .training import dice_ce_loss, find_lits_pairs, poly_learning_rate, resolve_amp, save_checkpoint, split_lits_pairs
+from ..labels import LIVER, TUMOR
+from ..metrics import dice
+from ..models import build_model
+from ..phantom import VALIDATION_SEED_START
+from ..pipeline import load_stages, segment
+from ..errors import InputError
+from ..label_edits import paste_tumor
+from ..lesion_seeds import SEED_RADIUS_MM, lesion_seed
+from ..patches import (CLICK_CHANNELS, IMAGE_CHANNELS, PATCH_SIZE, Click, index_bounds, labels_to_patch, liver_hu,
+                       patch_around, patch_inputs)
+from ..regions import Box, ball, on_region, widened_mm
+from .data import RawCase
+from .losses import dice_ce_loss
+from .options import TrainConfig
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "click", "seed", "good",
                "false")
-MAX_GRADIENT_NORM = 12.0
 MAX_SIMULATED_CLICKS = 4
 CLICK_CONTEXT_MM = 12.0
 """Clicks are simulated on the errors within this margin of the coarse tumor's box."""
@@ -71,39 +70,6 @@ MIN_CLICKED_ERROR_VOXELS = 8
 """Error regions smaller than this get no click: nobody clicks on a voxel or two."""
 RIGHT_CLICK_SHARE = 0.25
 """Samples that get a click on a part the mask has right besides."""
-
-
-@dataclasses.dataclass
-class RefineConfig:
-    out_dir: Path
-    data: Path | None = None
-    models_dir: Path | None = None
-    """DARN weights for the coarse predictions; None: the bundled ones."""
-    iterations: int = 2000
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    pool_size: int = 8
-    refresh_every: int = 100
-    val_cases: int = 3
-    val_every: int = 200
-    widths: tuple[int, ...] = (12, 24, 48, 96)
-    phantom_seed_start: int = 0
-    randomize_fraction: float = 0.5
-    darn_fraction: float = 0.25
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    num_threads: int | None = None
-    amp: bool | None = None
-    """bfloat16 autocast; None: on for CUDA only (see ``train_refiner``)."""
-    in_channels: int = IMAGE_CHANNELS + CLICK_CHANNELS
-    """4: the network takes the click channels; 2: image and coarse mask only."""
-    anatomy: Path | None = None
-    """A folder of real label maps to draw training CT on (``anatomy.draw_case``); None: phantoms."""
-    phantom_fraction: float = 0.2
-    """With ``anatomy``: the share of training scans that are phantoms all the same."""
-    init_from: Path | None = None
-    """A weights folder whose refinement network starts the run."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -331,167 +297,76 @@ def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator,
 
 
 # --------------------------------------------------------------------------------------------
-# The run
+# The task the training loop runs
 
 
-def _scan_source(config: RefineConfig) -> tuple[Callable[[int], tuple], Callable[[int], tuple]]:
-    """(training, validation) scan sources: index -> (CT, labels)."""
-    if config.data is not None:
-        train_pairs, val_pairs = split_lits_pairs(find_lits_pairs(config.data), config.val_cases, config.seed)
-        return lambda i: _read_pair(train_pairs[i % len(train_pairs)]), lambda i: _read_pair(val_pairs[i])
+class RefineTask:
+    """The refinement stage (see the module docstring); the loop's :class:`loop.Task`."""
 
-    def phantom(seed: int):
-        case = generate_case(seed, randomize=_randomized(seed, config))
-        return case.image, case.labels
+    name = "refine"
+    stage_record = {"name": "refine", "patch_size": [PATCH_SIZE] * 3, "num_classes": 2}
+    score = "refined"
+    validation_seed_start = VALIDATION_SEED_START + 500
 
-    if config.anatomy is None:
-        return (lambda i: phantom(config.phantom_seed_start + i), lambda i: phantom(VALIDATION_SEED_START + 500 + i))
-    from .anatomy import draw_case, split_maps, usable_label_maps
+    def __init__(self, config: TrainConfig):
+        from ..weights import bundled_models_dir
 
-    train_maps, val_maps = split_maps(usable_label_maps(Path(config.anatomy)))
-    if not train_maps or not val_maps:
-        raise InputError(f"{config.anatomy}: too few usable label maps to hold some out for validation")
+        self.models_dir = Path(config.models_dir or bundled_models_dir())
+        self.darn_fraction = config.darn_fraction
+        in_channels = config.model["in_channels"]
+        if in_channels not in (IMAGE_CHANNELS, IMAGE_CHANNELS + CLICK_CHANNELS):
+            raise InputError(f"a refinement network takes {IMAGE_CHANNELS} (image, coarse mask) or "
+                             f"{IMAGE_CHANNELS + CLICK_CHANNELS} (and the clicks) input channels, not {in_channels}")
+        self.with_clicks = in_channels == IMAGE_CHANNELS + CLICK_CHANNELS
+        self.architecture = {"architecture": "refine", "widths": list(config.model["widths"]), "in_channels": in_channels}
+        self.exported_architecture = self.architecture
+        darn_stages(self.models_dir)  # a wrong weights folder is refused now, not in a worker later
 
-    def drawn(seed: int, path: Path):
-        case = draw_case(path, seed, randomize=_randomized(seed, config))
-        return case.image, case.labels
+    def build(self) -> torch.nn.Module:
+        return build_model(self.architecture).to(memory_format=torch.channels_last_3d)
 
-    def training(i: int):
-        seed = config.phantom_seed_start + i
-        choice = np.random.default_rng([seed, 3])
-        if choice.random() < config.phantom_fraction:
-            return phantom(seed)
-        return drawn(seed, train_maps[int(choice.integers(len(train_maps)))])
+    def training_network(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
-    return training, lambda i: drawn(VALIDATION_SEED_START + 500 + i, val_maps[i % len(val_maps)])
+    def autocast_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.bfloat16
 
+    def prepare(self, validation: bool = False) -> MakeScan:
+        """Validation scans always carry DARN's masks: they are scored every validation."""
+        return MakeScan(self.models_dir, 1.0 if validation else self.darn_fraction)
 
-def _randomized(seed: int, config: RefineConfig) -> bool:
-    return bool(np.random.default_rng([seed, 2]).random() < config.randomize_fraction)
+    def batch(self, scans: Sequence[Scan], size: int, rng: np.random.Generator,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = draw_batch(scans, size, rng, self.with_clicks)
+        return inputs.to(device, memory_format=torch.channels_last_3d), targets.to(device)
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return dice_ce_loss(logits, targets)
 
-def _read_pair(pair):
-    return read_ct(pair[0]), read_image(pair[1])
+    def validation_set(self, scans: Sequence[Scan]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return _validation_samples(list(scans), self.with_clicks)
 
-
-def train_refiner(config: RefineConfig) -> Path:
-    """Train (or resume) the refinement network; returns ``last.pt``.
-
-    The network runs in channels-last memory, and with ``amp`` under bfloat16 autocast (no loss
-    scaling: bfloat16 has float32's range). Both are oneDNN's fast path on the CPU: on the 2-core
-    development machine (AVX-512 BF16) a step of 8 patches takes about 0.42 s with ``amp`` and 0.65-0.72 s
-    without (``benchmarks/training_step.py``); in the default layout a float32 step took about
-    0.9 s. Whether bfloat16 trains this network as well as float32 has not been measured.
-    """
-    from tqdm import tqdm
-
-    from .pipeline import resolve_device
-    from .weights import bundled_models_dir
-
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    if config.phantom_seed_start + 100_000 > VALIDATION_SEED_START and config.data is None:
-        raise InputError(f"--phantom-seed-start must stay below {VALIDATION_SEED_START - 100_000}: the seeds above are held out")
-    if config.data is not None and config.anatomy is not None:
-        raise InputError("train on a LiTS-layout folder or on label maps to draw CT on, not both")
-    if not 0 <= config.phantom_fraction <= 1:
-        raise InputError(f"the phantom share must lie in 0..1, got {config.phantom_fraction}")
-    if config.in_channels not in (IMAGE_CHANNELS, IMAGE_CHANNELS + CLICK_CHANNELS):
-        raise InputError(f"a refinement network takes {IMAGE_CHANNELS} or {IMAGE_CHANNELS + CLICK_CHANNELS} input "
-                         f"channels, not {config.in_channels}")
-    out_dir = Path(config.out_dir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if last_path.exists() and not config.resume:
-        raise InputError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    device = resolve_device(config.device)
-    amp = resolve_amp(config.amp, device)
-    stages = load_stages(config.models_dir or bundled_models_dir(), torch.device("cpu"))
-    architecture = {"architecture": "refine", "widths": list(config.widths), "in_channels": config.in_channels}
-    with_clicks = config.in_channels == IMAGE_CHANNELS + CLICK_CHANNELS
-    torch.manual_seed(config.seed)
-    model = build_model(architecture)
-    iteration, best, scores, checkpoint = 0, None, {}, None
-    if config.resume:
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        iteration, best, scores = checkpoint["iteration"], checkpoint["best_val_dice"], checkpoint["val_scores"] or {}
-    elif config.init_from is not None:
-        start_from(model, Path(config.init_from))
-    model = model.to(device, memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    rng = np.random.default_rng([config.seed, iteration])
-    train_source, val_source = _scan_source(config)
-    next_scan = iteration // config.refresh_every
-
-    def training_scan(index: int) -> Scan:
-        return make_scan(*train_source(index), stages if rng.random() < config.darn_fraction else None)
-
-    scans = [training_scan(next_scan + i) for i in range(config.pool_size)]
-    next_scan += config.pool_size
-    val_samples = _validation_samples([make_scan(*val_source(i), stages) for i in range(config.val_cases)], with_clicks)
-
-    def checkpoint_payload() -> dict:
-        return {"model": model.state_dict(), "model_config": architecture, "optimizer": optimizer.state_dict(),
-                "iteration": iteration, "best_val_dice": best, "val_scores": scores,
-                "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
-                "stage": {"name": "refine", "patch_size": [PATCH_SIZE] * 3, "num_classes": 2}}
-
-    with tqdm(total=config.iterations, initial=iteration, desc="train refine", unit="it", dynamic_ncols=True) as progress:
-        while iteration < config.iterations:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_learning_rate(config.learning_rate, iteration, config.iterations)
-            model.train()
-            inputs, targets = draw_batch(scans, config.batch_size, rng, with_clicks)
-            loss = dice_ce_loss(training_logits(model, inputs, device, amp), targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRADIENT_NORM)
-            optimizer.step()
-            iteration += 1
-            if iteration % config.refresh_every == 0:
-                scans[iteration // config.refresh_every % len(scans)] = training_scan(next_scan)
-                next_scan += 1
-            if iteration % config.val_every == 0 or iteration == config.iterations:
-                scores = _validate(model, val_samples, device)
-                if best is None or scores["refined"] > best:
-                    best = scores["refined"]
-                    save_checkpoint(checkpoint_payload(), best_path)
-                save_checkpoint(checkpoint_payload(), last_path)
-            progress.set_postfix(loss=f"{loss.item():.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in scores.items()})
-            progress.update()
-    return last_path
+    def validate(self, model: torch.nn.Module, samples, device: torch.device, amp: bool) -> dict[str, float]:
+        return _validate(model, samples, device)
 
 
-def training_logits(model: torch.nn.Module, inputs: torch.Tensor, device: torch.device, amp: bool) -> torch.Tensor:
-    """The model's logits on a training batch, as ``train_refiner`` computes them: channels-last,
-    under bfloat16 autocast when ``amp``."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return model(inputs.to(device, memory_format=torch.channels_last_3d))
+@dataclasses.dataclass(frozen=True)
+class MakeScan:
+    """A raw case as a training :class:`Scan`, segmented by DARN for a share ``darn_fraction`` of
+    the cases (chosen by the case's seed; picklable, for worker processes)."""
+
+    models_dir: Path
+    darn_fraction: float
+
+    def __call__(self, raw: RawCase) -> Scan:
+        segmented = np.random.default_rng([raw.seed, 4]).random() < self.darn_fraction
+        return make_scan(raw.image, raw.labels, darn_stages(self.models_dir) if segmented else None)
 
 
-def start_from(model: torch.nn.Module, models_dir: Path) -> None:
-    """Load the refinement network of a weights folder into ``model``, which may take the click
-    channels where the folder's network does not: their weights start at zero, so ``model``
-    computes exactly what that network did until training teaches it the clicks. Any other
-    difference of architecture is refused."""
-    from .weights import load_model
-
-    module, entry = load_model(models_dir, "refine")
-    weights = module.state_dict()
-    ours = model.state_dict()
-    first = next(key for key, value in ours.items() if value.dim() == 5)
-    if weights.keys() != ours.keys() or any(weights[key].shape != ours[key].shape for key in ours if key != first):
-        raise InputError(f"{models_dir}: its refine network is {entry.get('model')}; this run builds another "
-                         f"architecture (choose the same --widths)")
-    given, wanted = weights[first].shape[1], ours[first].shape[1]
-    if given > wanted:
-        raise InputError(f"{models_dir}: its refine network takes {given} input channels; this run builds one "
-                         f"that takes {wanted}")
-    widened = torch.zeros_like(ours[first])
-    widened[:, :given] = weights[first]
-    model.load_state_dict({**weights, first: widened})
+@functools.lru_cache(maxsize=1)
+def darn_stages(models_dir: Path):
+    """Both DARN stages of ``models_dir`` on the CPU, loaded once per process."""
+    return load_stages(models_dir, torch.device("cpu"))
 
 
 def _validation_samples(scans: list[Scan], with_clicks: bool, per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -518,26 +393,3 @@ def _validate(model: torch.nn.Module, samples, device) -> dict[str, float]:
             coarse.append(dice(inputs[1] > 0.5, truth))
             refined.append(dice(probability > 0.5, truth))
     return {"coarse": float(np.mean(coarse)), "refined": float(np.mean(refined))}
-
-
-def config_from_args(args: argparse.Namespace) -> RefineConfig:
-    """A RefineConfig from ``livertumordarn train --stage refine`` options."""
-    for option in ("order", "patch_size"):
-        if getattr(args, option, None) is not None:
-            raise InputError(f"--{option.replace('_', '-')} is an option of the DARN stages, not of --stage refine")
-    if args.small_phantoms:
-        raise InputError("--small-phantoms is an option of the DARN stages: refinement needs full-resolution scans")
-    given = {field: getattr(args, option) for option, field in (
-        ("data", "data"), ("models", "models_dir"), ("iterations", "iterations"), ("batch_size", "batch_size"),
-        ("lr", "learning_rate"), ("pool_size", "pool_size"), ("refresh_every", "refresh_every"),
-        ("val_cases", "val_cases"), ("val_every", "val_every"), ("widths", "widths"),
-        ("phantom_seed_start", "phantom_seed_start"), ("randomize_fraction", "randomize_fraction"),
-        ("darn_fraction", "darn_fraction"), ("amp", "amp"), ("anatomy", "anatomy"),
-        ("phantom_fraction", "phantom_fraction"), ("init_from", "init_from"),
-        ("seed", "seed"), ("device", "device"), ("threads", "num_threads")) if getattr(args, option, None) is not None}
-    return RefineConfig(out_dir=args.out, resume=args.resume, **given)
-
-
-def run(args: argparse.Namespace) -> int:
-    print(train_refiner(config_from_args(args)))
-    return 0

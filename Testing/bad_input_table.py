@@ -1,8 +1,8 @@
-"""Write docs/bad-inputs.md: every case of Testing/bad_inputs.py run through the command line with
-the bundled weights, with its exit status, the line it ends with, and the files it changed or left
-(Testing/test_bad_inputs.py checks the same cases with small test weights).
+"""Write docs/bad-inputs.md: every case of bad_inputs.py (next to this script) run through the
+command line with the bundled weights, with its exit status, the line it ends with, and the files
+it changed or left (test_bad_inputs.py checks the same cases with small test weights).
 
-    .venv/bin/python tools/bad_input_table.py
+    .venv/bin/python Testing/bad_input_table.py
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import SimpleITK as sitk
+import torch
+
+from bad_inputs import BAD_INPUTS, Outcome, run  # this script's own folder
+from LiverTumorDARNLib.io import write_text
+from LiverTumorDARNLib.weights import bundled_models_dir
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "Testing"))
-
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
-
-from bad_inputs import BAD_INPUTS, Outcome, run  # noqa: E402
-from LiverTumorDARNLib.io import write_text  # noqa: E402
-from LiverTumorDARNLib.weights import bundled_models_dir  # noqa: E402
 
 TARGET = REPO / "docs" / "bad-inputs.md"
 
