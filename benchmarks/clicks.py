@@ -1,8 +1,8 @@
 """Simulated clicks on DARN's own results, as interactive segmentation is benchmarked (issue 20).
 
-    .venv/bin/python benchmarks/clicks.py [--phantoms 6] [--anatomy 6] [--clicks 10] [--timed-clicks 10]
-                                          [--real ../shared/realct/lits-117] [--seed-start 900000]
-                                          [--models DIR] [--device cpu] [--threads 2] [--cache DIR] [--json FILE]
+    .venv/bin/python -m benchmarks.clicks [--phantoms 6] [--anatomy 6] [--clicks 10] [--timed-clicks 10]
+                                         [--real ../shared/realct/lits-117] [--seed-start 900000]
+                                         [--models DIR] [--device cpu] [--threads 2] [--cache DIR] [--json FILE]
 
 The protocol of DeepEdit's and nnInteractive's benchmarks: each scan is segmented by DARN (the
 weights folder's stages, confidence floor included), then corrected one click at a time. Each
@@ -342,7 +342,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"machine: {machine(device)}; {time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.1f}")
-    print("command: benchmarks/clicks.py " + " ".join(sys.argv[1:]))
+    print("command: python -m benchmarks.clicks " + " ".join(sys.argv[1:]))
     segmenter, refiner = Segmenter(args.models, device), Refiner.load(args.models, device)
     weights_key = file_sha256(Path(args.models) / "darn-tumor.pt")[:12]
     sources = ([lambda: real_scan(Path(args.real))] if args.real else []) + phantom_scans(args.phantoms, args.seed_start)
