@@ -32,7 +32,7 @@ from LiverTumorDARNLib.regions import ball, on_region
 from LiverTumorDARNLib.training import refine_task
 from LiverTumorDARNLib.training.checkpoints import save_checkpoint
 from LiverTumorDARNLib.training.refine_task import CORRUPTIONS, corrupt, draw_sample, make_scan
-from LiverTumorDARNLib.weights import export_checkpoint
+from LiverTumorDARNLib.weights import export_checkpoint, load_model
 
 LIVER_HU, TUMOR_HU = 60, 160
 CPU = torch.device("cpu")
@@ -501,6 +501,16 @@ def export_refiner(folder, **model) -> None:
                                   "stage": {"name": "refine", "patch_size": [32] * 3, "num_classes": 2}},
                                  folder / "checkpoint.pt")
     export_checkpoint(checkpoint, folder)
+
+
+@pytest.mark.parametrize("in_channels", [2, 4])
+def test_a_loaded_refiner_answers_as_its_exported_network_does(tmp_path, in_channels):
+    torch.manual_seed(0)
+    export_refiner(tmp_path, in_channels=in_channels)
+    inputs = torch.randn(1, in_channels, 32, 32, 32)
+    with torch.inference_mode():
+        exported = load_model(tmp_path, "refine")[0](inputs)
+        torch.testing.assert_close(Refiner.load(tmp_path, "cpu").model(inputs), exported, atol=1e-4, rtol=1e-4)
 
 
 def test_refine_weights_that_declare_click_channels_take_clicks(tmp_path):
