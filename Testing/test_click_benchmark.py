@@ -63,3 +63,11 @@ def test_clicking_stops_when_no_error_is_left_and_each_click_records_its_dice():
     assert len(steps) == 1 and steps[0].positive and steps[0].changed
     assert (steps[0].dice_before, steps[0].dice_after) == (0.0, pytest.approx(1.0))
     assert clicks.dice_after(0.0, steps, 10) == pytest.approx(1.0)
+
+
+def test_a_scan_without_errors_leaves_its_groups_seconds_per_click_to_the_scans_that_were_clicked():
+    perfect = clicks.summarize(1.0, [])
+    clicked = clicks.summarize(0.0, [clicks.Step(True, 343, 0.0, 1.0, True, "lesion added", 0.5)])
+    group = clicks.group_summary([perfect, clicked])
+    assert group["median_seconds"] == 0.5 and group["clicks"] == 1
+    assert group["dice"]["1"] == pytest.approx(1.0)

@@ -308,8 +308,10 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 
 
 def group_summary(cases: list[dict]) -> dict:
-    """The mean of each measure over a group's scans."""
+    """The mean of each measure over a group's scans (the median of their seconds per click, over
+    the scans that had an error to click)."""
     steps = sum(case["clicks"] for case in cases)
+    clicked = [case["median_seconds"] for case in cases if case["clicks"]]
     return {
         "dice": {str(n): float(np.mean([case["dice"][str(n)] for case in cases])) for n in REPORTED_CLICKS},
         "clicks": steps,
@@ -318,7 +320,7 @@ def group_summary(cases: list[dict]) -> dict:
         "largest_drop": max(case["largest_drop"] for case in cases),
         "mean_change": sum(case["mean_change"] * case["clicks"] for case in cases) / max(steps, 1),
         "no_change_share": sum(case["no_change_share"] * case["clicks"] for case in cases) / max(steps, 1),
-        "median_seconds": float(np.median([case["median_seconds"] for case in cases])),
+        "median_seconds": float(np.median(clicked)) if clicked else float("nan"),
     }
 
 
