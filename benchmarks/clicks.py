@@ -219,15 +219,23 @@ def cpu_seconds() -> float:
 
 
 def timed(click: Callable) -> Callable:
-    """``click`` with its CPU seconds kept in ``timed.cpu`` (a list on the returned function)."""
+    """``click`` with the wall and CPU seconds of each call kept in the lists ``wall`` and ``cpu``
+    of the returned function."""
     def wrapper(*args):
-        start = cpu_seconds()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         result = click(*args)
-        wrapper.cpu.append(cpu_seconds() - start)
+        wrapper.wall.append(time.perf_counter() - start)
+        wrapper.cpu.append(cpu_seconds() - start_cpu)
         return result
 
-    wrapper.cpu = []
+    wrapper.wall, wrapper.cpu = [], []
     return wrapper
+
+
+def timing(click: Callable) -> dict:
+    """The medians of a :func:`timed` click's calls."""
+    return {"median_seconds": statistics.median(click.wall), "median_cpu_seconds": statistics.median(click.cpu),
+            "clicks": len(click.wall)}
 
 
 def latency(refiner: Refiner, segmenter: Segmenter, clicks: int, cache: Path | None, weights_key: str) -> dict:
@@ -244,10 +252,9 @@ def latency(refiner: Refiner, segmenter: Segmenter, clicks: int, cache: Path | N
         return change.labels, change.message
 
     core_click(start_labels, next_click(start_labels, scan.truth, tuple(scan.ct.GetSpacing()[::-1]))[0][::-1], True, [])
-    core_click.cpu.clear()  # the first call allocates: not a click's cost
-    steps = click_through(scan, start_labels, clicks, core_click)
-    results["core"] = {"median_seconds": statistics.median(s.seconds for s in steps),
-                       "median_cpu_seconds": statistics.median(core_click.cpu), "clicks": len(steps)}
+    core_click.wall.clear(), core_click.cpu.clear()  # the first call allocates: not a click's cost
+    click_through(scan, start_labels, clicks, core_click)
+    results["core"] = timing(core_click)
     try:
         results["slicer"] = slicer_latency(refiner, scan, start_labels, clicks)
     except ImportError:
@@ -273,18 +280,20 @@ def slicer_latency(refiner: Refiner, scan: Scan, start_labels: np.ndarray, click
     session = ClickSession(lambda: refiner)
 
     @timed
-    def panel_click(labels, ijk, positive, earlier):
+    def panel_edit(ijk, positive):
         session.click(volume, segmentation, (ijk_to_ras @ [*ijk, 1.0])[:3], positive)
-        edit = session.wait()
-        return scene.labels_from_segments(segmentation, volume), edit.message
+        return session.wait()
+
+    def panel_click(labels, ijk, positive, earlier):
+        message = panel_edit(ijk, positive).message
+        return scene.labels_from_segments(segmentation, volume), message  # for the next click's choice: not timed
 
     first = next_click(start_labels, scan.truth, tuple(scan.ct.GetSpacing()[::-1]))
-    panel_click(start_labels, first[0][::-1], first[1], [])  # loads nothing (the refiner is given) but warms the thread
+    panel_edit(first[0][::-1], first[1])  # loads nothing (the refiner is given) but warms the thread
     session.undo(volume, segmentation)
-    panel_click.cpu.clear()
-    steps = click_through(scan, scene.labels_from_segments(segmentation, volume), clicks, panel_click)
-    return {"median_seconds": statistics.median(s.seconds for s in steps),
-            "median_cpu_seconds": statistics.median(panel_click.cpu), "clicks": len(steps)}
+    panel_edit.wall.clear(), panel_edit.cpu.clear()
+    click_through(scan, scene.labels_from_segments(segmentation, volume), clicks, panel_click)
+    return timing(panel_edit)
 
 
 # --------------------------------------------------------------------------------------------
