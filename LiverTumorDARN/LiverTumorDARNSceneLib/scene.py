@@ -339,8 +339,10 @@ def write_segments(segmentation_node, volume_node, labels: np.ndarray, per_tumor
     """
     _check_labels_fit(labels, volume_node)
     register_segmentation_converters()
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    # The transform first: Slicer stores the reference grid in the segmentation's own frame, which
+    # is then the volume's, so the grid is the volume's own (what _check_on_volume_grid reads).
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     for segment_ids in module_segment_ids(segmentation_node).values():
         for segment_id in segment_ids:
             segmentation_node.GetSegmentation().RemoveSegment(segment_id)
