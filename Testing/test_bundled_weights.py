@@ -22,7 +22,8 @@ from LiverTumorDARNLib.io import read_ct, read_image
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.metrics import dice
 from LiverTumorDARNLib.phantom import SAMPLE_SEED, generate_case
-from LiverTumorDARNLib.refine import Refiner, widened_mm
+from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.regions import widened_mm
 from LiverTumorDARNLib.training.refine_task import corrupted_map
 from LiverTumorDARNLib.weights import bundled_models_dir, load_manifest
 

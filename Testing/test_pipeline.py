@@ -204,6 +204,22 @@ def test_longest_axial_diameter_of_a_disk_is_its_diameter():
     assert longest_axial_diameter(mask, (0.5, 0.5)) == pytest.approx(20.0, abs=0.6)  # 40 voxels x 0.5 mm
 
 
+def test_report_places_a_tumor_at_its_own_voxel_wherever_the_liver_lies_in_the_scan():
+    ct = sitk.Image(40, 30, 20, sitk.sitkInt16)
+    ct.SetSpacing((0.8, 0.9, 2.0))
+    ct.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))
+    ct.SetOrigin((5.0, -7.0, 30.0))
+    array = np.zeros((20, 30, 40), np.uint8)
+    array[8:14, 10:20, 20:32] = 1  # a liver away from every corner of the volume
+    array[10:13, 14:17, 25:28] = 2
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(ct)
+    report = measure(ct, labels)
+    assert [tumor.centroid_ijk for tumor in report.tumors] == [(26, 15, 11)]
+    assert report.tumors[0].centroid_mm == pytest.approx(ct.TransformIndexToPhysicalPoint((26, 15, 11)), abs=0.05)
+    assert report.liver_volume_ml == pytest.approx(6 * 10 * 12 * 0.8 * 0.9 * 2.0 / 1000, abs=0.01)
+
+
 def test_report_measures_the_tumors_of_a_label_map():
     ct, truth = sphere_scan("LAI")
     labels = sitk.GetImageFromArray(truth)

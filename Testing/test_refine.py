@@ -7,24 +7,35 @@ returns the coarse mask it was given. The bundled network is tested in test_bund
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from torch import nn
 
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
+from LiverTumorDARNLib.label_edits import trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
+from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
+from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, liver_hu,
+                                       patch_around, patch_inputs)
 from LiverTumorDARNLib.pipeline import load_stages
-from LiverTumorDARNLib.refine import (MIN_SPACING_MM, NEAR_MM, PATCH_SIZE, RELATIVE_HU_SCALE, SEED_RADIUS_MM, Refiner,
-                                      ball, lesion_seed, liver_hu, on_region, patch_around, patch_inputs, trim_at)
+from LiverTumorDARNLib.refine import LIVER_REACH_MM, Refiner
+from LiverTumorDARNLib.regions import ball, on_region
 from LiverTumorDARNLib.training import refine_task
+from LiverTumorDARNLib.training.checkpoints import save_checkpoint
 from LiverTumorDARNLib.training.refine_task import CORRUPTIONS, corrupt, draw_sample, make_scan
+from LiverTumorDARNLib.weights import export_checkpoint, load_model
 
 LIVER_HU, TUMOR_HU = 60, 160
+CPU = torch.device("cpu")
 FLIPS = {"identity": (1, 0, 0, 0, 1, 0, 0, 0, 1), "flipped": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}
 
 
@@ -68,8 +79,6 @@ def scan(tumors_ijk_mm, direction=FLIPS["identity"], spacing=(0.8, 0.8, 2.5), si
 
 def shrunk(labels: np.ndarray) -> np.ndarray:
     """The label map with every tumor's outer layer given to the liver: a coarse mask to refine."""
-    from scipy import ndimage
-
     coarse = labels.copy()
     coarse[(labels == TUMOR) & ~ndimage.binary_erosion(labels == TUMOR, np.ones((1, 3, 3)))] = LIVER
     return coarse
@@ -83,6 +92,28 @@ def with_hu(ct: sitk.Image, hu: np.ndarray) -> sitk.Image:
 
 def on_whole_volume(mask: np.ndarray, box, labels: np.ndarray) -> np.ndarray:
     return on_region(mask, box, tuple(slice(0, n) for n in labels.shape))
+
+
+class Nothing(nn.Module):
+    """Background everywhere, whatever the coarse mask and the CT say."""
+
+    mask_prior = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        background = torch.full_like(x[:, :1], 20.0)
+        return torch.cat([background, -background], 1)
+
+
+class Recorder(Echo):
+    """:class:`Echo` that keeps every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return super().forward(x)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,13 +181,47 @@ def test_click_on_a_tumor_refines_that_tumor():
     assert change.message == "tumor refined"
 
 
-def test_click_near_a_tumor_refines_the_nearest_one():
-    ct, labels = scan([((24, 22, 10), 5.0)])
-    coarse = shrunk(labels)
-    beside = (24 + int((5.0 + NEAR_MM / 2) / 0.8), 22, 10)  # outside the tumor, within NEAR_MM of it
-    change = Refiner(Bright(), torch.device("cpu")).click(ct, coarse, beside)
-    assert change.message == "tumor refined"
-    assert dice(change.labels == TUMOR, labels == TUMOR) > dice(coarse == TUMOR, labels == TUMOR)
+def test_click_on_the_missed_part_of_a_tumor_grows_that_tumor():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    coarse = np.where((labels == TUMOR) & (np.indices(labels.shape)[2] >= 24), LIVER, labels).astype(np.uint8)
+    change = Refiner(Echo(), CPU).click(ct, coarse, (27, 22, 10))  # on the half the map misses
+    assert change.message == "tumor grown to the click"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_click_on_a_lesion_the_maps_liver_left_out_adds_it_into_the_liver():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    left_out = np.where(labels == TUMOR, 0, labels).astype(np.uint8)  # as the liver stage leaves a large lesion out
+    change = Refiner(Bright(), CPU).click(ct, left_out, (24, 22, 10))
+    assert change.message == "lesion added"
+    assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+def test_a_click_the_network_does_not_confirm_still_makes_the_clicked_tissue_tumor():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    change = Refiner(Nothing(), CPU).click(ct, missed, (24, 22, 10))
+    assert change.labels[10, 22, 24] == TUMOR
+    assert "the network did not confirm it" in change.message
+
+
+def test_every_click_on_a_missed_lesion_without_contrast_adds_to_it():
+    ct, labels = scan([((24, 22, 10), 8.0)])
+    isodense = with_hu(ct, np.where(labels == TUMOR, LIVER_HU, sitk.GetArrayFromImage(ct)))
+    missed = np.where(labels == TUMOR, LIVER, labels).astype(np.uint8)
+    refiner = Refiner(Echo(), CPU)
+    for point in ((24, 22, 10), (30, 22, 10), (18, 22, 10)):  # the second and third at the first one's edge
+        change = refiner.click(isodense, missed, point)
+        assert change.box is not None and change.labels[point[::-1]] == TUMOR
+        missed = change.labels
+
+
+def test_a_click_on_liver_without_contrast_adds_the_seed_ball_and_says_the_network_did_not_confirm_it():
+    ct, labels = scan([])
+    change = Refiner(Bright(), CPU).click(ct, labels, (24, 22, 10))
+    expected, box = ball((10, 22, 24), SEED_RADIUS_MM, (2.5, 0.8, 0.8), labels.shape)
+    assert np.array_equal(change.labels == TUMOR, on_whole_volume(expected, box, labels) & (labels > 0))
+    assert change.message == "lesion added as seeded from the click (the network did not confirm it)"
 
 
 def test_click_on_empty_liver_over_a_missed_tumor_adds_it():
@@ -165,13 +230,6 @@ def test_click_on_empty_liver_over_a_missed_tumor_adds_it():
     change = Refiner(Bright(), torch.device("cpu")).click(ct, missed, (24, 22, 10))
     assert change.message == "lesion added"
     assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
-
-
-def test_click_on_empty_liver_with_nothing_there_adds_nothing():
-    ct, labels = scan([])
-    change = Refiner(Bright(), torch.device("cpu")).click(ct, labels, (24, 22, 10))
-    assert change.box is None and change.message == "no lesion found at the click"
-    assert change.labels is labels
 
 
 @pytest.mark.parametrize("contrast_hu", [100, -50])
@@ -233,6 +291,16 @@ def test_negative_click_on_a_tumor_removes_it_and_gives_it_to_the_liver():
     assert (change.labels[14, 36, 36] == TUMOR)  # the other tumor stays
 
 
+def test_negative_click_on_false_tissue_grown_onto_a_tumor_removes_it_and_keeps_the_tumor():
+    ct, labels = scan([((24, 22, 15), 5.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    true = labels == TUMOR
+    grown = ndimage.distance_transform_edt(~true, sampling=0.8) <= 3.0  # 3 mm of parenchyma taken in
+    coarse = np.where(grown & (labels > 0), TUMOR, labels).astype(np.uint8)
+    change = Refiner(Bright(), CPU).click(ct, coarse, (24 + 8, 22, 15), positive=False)  # 6.4 mm out: in the false rim
+    assert change.message == "false part removed"
+    assert dice(change.labels == TUMOR, true) > 0.9
+
+
 def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
     body = np.zeros((30, 40, 60), bool)
     k, j, i = np.indices(body.shape)
@@ -272,6 +340,33 @@ def test_click_outside_the_volume_is_an_input_error():
         Refiner(Bright(), torch.device("cpu")).click(ct, labels, (48, 0, 0))
 
 
+def test_a_label_map_on_another_grid_is_refused_before_anything_changes():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    with pytest.raises(InputError, match="not on the CT's grid"):
+        Refiner(Bright(), CPU).click(ct, np.ascontiguousarray(labels[:, :, :-1]), (24, 22, 10))
+
+
+@pytest.mark.parametrize("positive", [True, False])
+@pytest.mark.parametrize("where, point, what", [("air", (0, 22, 10), "on air or lung"),
+                                                ("bone", (40, 40, 15), "on bone")])
+def test_a_click_on_air_or_bone_changes_nothing_and_says_so(where, point, what, positive):
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    hu = sitk.GetArrayFromImage(ct)
+    hu[12:18, 36:44, 36:44] = 1200  # a piece of rib over the liver
+    change = Refiner(Bright(), CPU).click(with_hu(ct, hu), labels, point, positive)
+    assert change.box is None and change.labels is labels
+    assert what in change.message and "nothing changed" in change.message
+
+
+def test_a_positive_click_far_from_the_liver_adds_nothing_and_says_so():
+    ct, labels = scan([], size=(96, 48, 20))
+    labels[:, :, 40:] = 0  # soft tissue, not liver, beyond i = 40
+    soft_tissue = with_hu(ct, np.where(np.indices(labels.shape)[2] >= 40, 40, sitk.GetArrayFromImage(ct)))
+    change = Refiner(Bright(), CPU).click(soft_tissue, labels, (90, 22, 10))
+    assert change.box is None and change.labels is labels
+    assert change.message == f"the click is more than {LIVER_REACH_MM:.0f} mm from the liver: no lesion added"
+
+
 # ------------------------------------------------------------------ the refine command
 
 
@@ -302,6 +397,14 @@ def test_refine_command_says_when_a_negative_click_found_no_tumor(case_files, mo
     ct, mask = case_files
     assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--negative", "40,40,15") == 0
     assert "no tumor at the click: nothing to remove" in capsys.readouterr().out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
+
+
+def test_refine_command_says_why_a_click_on_air_changed_nothing(case_files, models_dir, tmp_path, capsys):
+    ct, mask = case_files
+    assert refine_command(ct, mask, tmp_path / "refined.nii.gz", models_dir, "--click", "0,22,10") == 0
+    assert re.search(r"the click is on air or lung \(-\d+ HU\): nothing changed", capsys.readouterr().out)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined.nii.gz"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
 
@@ -365,6 +468,69 @@ def test_an_untrained_refinement_network_gives_back_the_coarse_mask():
     assert (tumor == mask).float().mean() > 0.99
 
 
+def test_a_network_that_takes_clicks_is_given_them_after_the_image_and_the_mask():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    network = Recorder()
+    Refiner(network, CPU, takes_clicks=True).click(ct, shrunk(labels), (24, 22, 10), earlier=[((30, 22, 10), False)])
+    inputs = network.inputs[0][0]
+    assert inputs.shape[0] == 4
+    assert inputs[2].max() > 0.5 and inputs[3].max() > 0.5  # this click, the earlier one
+
+
+def test_a_network_without_click_channels_is_given_the_image_and_the_mask_only():
+    ct, labels = scan([((24, 22, 10), 6.0)])
+    network = Recorder()
+    Refiner(network, CPU).click(ct, shrunk(labels), (24, 22, 10), earlier=[((30, 22, 10), False)])
+    assert network.inputs[0].shape[1] == 2
+
+
+@pytest.mark.parametrize("flip", sorted(FLIPS))
+def test_a_click_map_peaks_at_the_click_on_the_patch_grid(flip):
+    ct, _ = scan([], direction=FLIPS[flip])
+    patch = patch_around(ct, [20, 18, 8], [28, 26, 12])
+    maps = click_maps(ct, patch, [Click((10, 20, 26), positive=False)])
+    at = patch.grid.TransformPhysicalPointToIndex(ct.TransformIndexToPhysicalPoint((26, 20, 10)))
+    assert np.unravel_index(np.argmax(maps[1]), maps[1].shape) == tuple(at[::-1])
+    assert maps[0].max() == 0
+
+
+def export_refiner(folder, **model) -> None:
+    """A random refinement network of ``model``'s arguments exported into ``folder`` as training does."""
+    config = {"architecture": "refine", "widths": (4, 8), **model}
+    checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
+                                  "stage": {"name": "refine", "patch_size": [32] * 3, "num_classes": 2}},
+                                 folder / "checkpoint.pt")
+    export_checkpoint(checkpoint, folder)
+
+
+@pytest.mark.parametrize("in_channels", [2, 4])
+def test_a_loaded_refiner_answers_as_its_exported_network_does(tmp_path, in_channels):
+    torch.manual_seed(0)
+    export_refiner(tmp_path, in_channels=in_channels)
+    inputs = torch.randn(1, in_channels, 32, 32, 32)
+    with torch.inference_mode():
+        exported = load_model(tmp_path, "refine")[0](inputs)
+        torch.testing.assert_close(Refiner.load(tmp_path, "cpu").model(inputs), exported, atol=1e-4, rtol=1e-4)
+
+
+def test_refine_weights_that_declare_click_channels_take_clicks(tmp_path):
+    export_refiner(tmp_path, in_channels=4)
+    assert Refiner.load(tmp_path, "cpu").takes_clicks
+
+
+def test_the_bundled_two_channel_refiner_takes_no_clicks():
+    assert not Refiner.load(device="cpu").takes_clicks
+
+
+def test_refine_weights_whose_manifest_misstates_their_channels_are_refused(tmp_path):
+    export_refiner(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["models"]["refine"]["model"]["in_channels"] = 4
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="takes 2 input channels and its manifest entry declares 4"):
+        Refiner.load(tmp_path, "cpu")
+
+
 # ------------------------------------------------------------------ training samples
 
 
@@ -399,6 +565,45 @@ def test_a_click_sample_starts_from_the_seed_a_click_on_the_missed_tumor_grows(m
     monkeypatch.setattr(refine_task, "CORRUPTIONS", ("click",))
     inputs, target = draw_sample(make_scan(ct, truth, stages=None), np.random.default_rng(0))
     assert dice(inputs[1] > 0.5, target.astype(bool)) > 0.9  # a bright tumor's seed is the tumor
+
+
+def truth_scan(tumors_ijk_mm, **geometry) -> refine_task.Scan:
+    ct, labels = scan(tumors_ijk_mm, **geometry)
+    truth = sitk.GetImageFromArray(labels)
+    truth.CopyInformation(ct)
+    return make_scan(ct, truth, stages=None)
+
+
+def click_samples(kind: str, monkeypatch, count: int = 12) -> list[tuple[np.ndarray, np.ndarray]]:
+    monkeypatch.setattr(refine_task, "CORRUPTIONS", (kind,))
+    training_scan = truth_scan([((24, 22, 15), 6.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    rng = np.random.default_rng(0)
+    return [draw_sample(training_scan, rng, with_clicks=True) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind, channel, error", [("erode", 2, "missed"), ("dilate", 3, "false")])
+def test_simulated_clicks_land_on_the_masks_errors(kind, channel, error, monkeypatch):
+    clicked = 0
+    for inputs, target in click_samples(kind, monkeypatch):
+        assert inputs.shape == (4, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        peaks = inputs[channel] > 0.99
+        if inputs[channel].max() < 0.5 or inputs[5 - channel].max() > 0:  # no click, or a click on a right part too
+            continue
+        coarse, true = inputs[1][peaks] > 0.5, target[peaks] == 1
+        assert (true & ~coarse).all() if error == "missed" else (coarse & ~true).all()
+        clicked += 1
+    assert clicked
+
+
+def test_a_good_mask_gets_no_click_on_an_error(monkeypatch):
+    for inputs, target in click_samples("good", monkeypatch):
+        assert inputs[3].max() == 0
+        assert (target[inputs[2] > 0.99] == 1).all()
+
+
+def test_a_click_sample_has_the_click_its_seed_grew_from_in_the_positive_channel(monkeypatch):
+    for inputs, target in click_samples("click", monkeypatch, count=4):
+        assert inputs[2].max() > 0.5 and target[np.unravel_index(np.argmax(inputs[2]), target.shape)] == 1
 
 
 def test_a_scan_that_darn_did_not_segment_offers_no_darn_masks(monkeypatch):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install -e .[test])")
@@ -273,7 +274,7 @@ class Waiting:
 
         self.go = threading.Event()
 
-    def click(self, ct, labels, point, positive):
+    def click(self, ct, labels, point, positive, earlier):
         self.go.wait(WAIT_SECONDS)
         return Change(labels, None, "tumor refined (no change)")
 
@@ -299,6 +300,83 @@ def test_a_refused_click_leaves_the_segments_and_the_undo_history_as_they_were(t
         session.wait()
     np.testing.assert_array_equal(scene.labels_from_segments(segmentation, volume), before)
     assert session.undo(volume, segmentation) is None
+
+
+class Remembering(Refiner):
+    """The Bright refiner, keeping the earlier clicks each click was given."""
+
+    def __init__(self):
+        super().__init__(Bright(), CPU)
+        self.given: list[list] = []
+
+    def click(self, ct, labels, point_ijk, positive=True, earlier=()):
+        self.given.append([(tuple(ijk), sign) for ijk, sign in earlier])
+        return super().click(ct, labels, point_ijk, positive, earlier)
+
+
+def test_each_click_is_given_the_earlier_clicks_that_were_not_undone(two_tumors):
+    _ct, _truth, volume, segmentation = two_tumors
+    refiner = Remembering()
+    session = tasks.ClickSession(lambda: refiner)
+    for ijk, positive, undo in (((14, 14, 6), True, False), ((36, 36, 14), False, True), ((36, 36, 14), True, False)):
+        session.click(volume, segmentation, ras(volume, ijk), positive)
+        session.wait()
+        if undo:
+            session.undo(volume, segmentation)
+    assert refiner.given == [[], [((14, 14, 6), True)], [((14, 14, 6), True)]]
+
+
+class Seeing(Refiner):
+    """The Bright refiner, keeping the label map each click was given."""
+
+    def __init__(self):
+        super().__init__(Bright(), CPU)
+        self.seen: list[np.ndarray] = []
+
+    def click(self, ct, labels, point_ijk, positive=True, earlier=()):
+        self.seen.append(labels.copy())
+        return super().click(ct, labels, point_ijk, positive, earlier)
+
+
+def test_a_click_sees_an_edit_made_to_the_segments_since_the_previous_click(two_tumors):
+    _ct, _truth, volume, segmentation = two_tumors
+    refiner = Seeing()
+    session = tasks.ClickSession(lambda: refiner)
+    session.click(volume, segmentation, ras(volume, (14, 14, 6)))
+    session.wait()
+    edited = scene.labels_from_segments(segmentation, volume)
+    edited[:, 25:, 25:] = np.minimum(edited[:, 25:, 25:], LIVER)  # the second tumor erased, as the Segment Editor would
+    scene.apply_change(segmentation, volume, edited, (slice(0, edited.shape[0]), slice(25, 48), slice(25, 48)))
+    session.click(volume, segmentation, ras(volume, (14, 14, 6)))
+    session.wait()
+    np.testing.assert_array_equal(refiner.seen[1], edited)
+
+
+def test_a_click_after_an_undo_sees_the_segments_as_undone(two_tumors):
+    _ct, _truth, volume, segmentation = two_tumors
+    refiner = Seeing()
+    session = tasks.ClickSession(lambda: refiner)
+    for ijk in ((14, 14, 6), (36, 36, 14)):
+        session.click(volume, segmentation, ras(volume, ijk))
+        session.wait()
+    session.undo(volume, segmentation)
+    session.click(volume, segmentation, ras(volume, (36, 36, 14)))
+    session.wait()
+    np.testing.assert_array_equal(refiner.seen[2], refiner.seen[1])
+
+
+def test_a_click_on_a_volume_the_segments_were_not_made_on_is_refused_before_any_change(two_tumors, mrml_scene):
+    ct, _truth, volume, segmentation = two_tumors
+    other = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Other CT")
+    resampled = sitk.Image(ct)
+    resampled.SetSpacing([2 * s for s in ct.GetSpacing()])  # the same voxels on a coarser grid
+    scene.set_volume_from_image(other, resampled)
+    before = scene.labels_from_segments(segmentation, volume)
+    session = tasks.ClickSession(lambda: Refiner(Bright(), CPU))
+    with pytest.raises(InputError, match="made on another grid"):
+        session.click(other, segmentation, ras(other, (14, 14, 6)))
+    assert not session.busy and session.undo(volume, segmentation) is None
+    np.testing.assert_array_equal(scene.labels_from_segments(segmentation, volume), before)
 
 
 def test_a_click_session_writes_the_results_table(two_tumors):

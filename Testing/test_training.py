@@ -239,6 +239,10 @@ def test_a_run_stopped_by_an_error_leaves_a_checkpoint_that_resume_goes_on_from(
     monkeypatch.setattr(Trainer, "step", step)
     train(tiny_config("liver", tmp_path, iterations=4, val_every=4, resume=True))
     assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 4
+def test_an_exported_network_declares_the_input_channels_it_was_trained_with(finished_run, tmp_path):
+    stage, out = finished_run
+    export_checkpoint(out / "last.pt", tmp_path / "models")
+    assert load_model(tmp_path / "models", stage)[1]["model"]["in_channels"] == (4 if stage == "refine" else 1)
 
 
 def test_a_folder_holding_a_checkpoint_is_not_overwritten_without_resume(tiny_config, tmp_path):
@@ -258,7 +262,7 @@ def test_training_phantoms_that_would_reach_the_validation_seeds_are_refused(tin
     ("liver", {"data": Path("/no/such/folder")}, "no such folder"),
     ("spleen", {}, "unknown stage"),
     ("tumor", {"darn_fraction": 0.5}, "setting of the refine stages"),
-    ("refine", {"anatomy": Path("maps")}, "setting of the DARN stages"),
+    ("refine", {"model": {"widths": (4, 8), "in_channels": 3}}, "input channels"),
     ("refine", {"phantom_small": True}, "setting of the DARN stages"),
     ("liver", {"pool_size": 0}, "pool size must be at least 1"),
     ("liver", {"randomize_fraction": 1.5}, "must lie in 0..1"),
@@ -292,15 +296,16 @@ def test_two_process_ddp_run_writes_one_checkpoint_with_identical_replicas(tmp_p
 
 
 @pytest.mark.slow
-def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_path):
+@pytest.mark.parametrize("stage, scores", [("liver", {"liver", "mean"}), ("refine", {"coarse", "refined"})])
+def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_path, stage, scores):
     from test_anatomy import made_up_abdomen, write_map
 
     for k in range(10):  # one of each ten maps of a data set is held out
         write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
-    train(tiny_config("liver", tmp_path / "out", anatomy=tmp_path / "maps", phantom_small=False,
+    train(tiny_config(stage, tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_small=False,
                       iterations=1, val_every=1))
     checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == {"liver", "mean"}
+    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == scores
 
 
 def test_a_run_can_start_from_exported_weights_of_the_same_network(tiny_config, tmp_path, models_dir):
@@ -313,12 +318,34 @@ def test_a_run_can_start_from_exported_weights_of_the_same_network(tiny_config, 
     assert all(torch.equal(trained[key], value) for key, value in exported.items())  # a zero step kept them
 
 
+def refine_trainer(tiny_config, out_dir: Path, in_channels: int) -> Trainer:
+    config = tiny_config("refine", out_dir, model={"widths": (4, 8), "in_channels": in_channels})
+    return Trainer(config, make_task(config), torch.device("cpu"), WORLD_OF_ONE)
+
+
 def test_the_refinement_network_starts_from_exported_weights_as_a_darn_stage_does(tiny_config, tmp_path, models_dir):
-    config = tiny_config("refine", tmp_path, init_from=models_dir)
-    trainer = Trainer(config, make_task(config), torch.device("cpu"), WORLD_OF_ONE)
+    trainer = refine_trainer(tiny_config, tmp_path, in_channels=2)  # as the test weights' refiner
     trainer.start_from(models_dir)
     exported = load_model(models_dir, "refine")[0].state_dict()
     assert all(torch.equal(trainer.model.state_dict()[key], value) for key, value in exported.items())
+
+
+def test_a_click_refiner_started_from_a_two_channel_one_computes_what_it_did_whatever_the_clicks(
+        tiny_config, tmp_path, models_dir):
+    trainer = refine_trainer(tiny_config, tmp_path, in_channels=4)
+    trainer.start_from(models_dir)
+    inputs = torch.randn(1, 4, 16, 16, 16)
+    with torch.inference_mode():
+        before = load_model(models_dir, "refine")[0](inputs[:, :2])
+        assert torch.allclose(trainer.model.eval()(inputs), before, atol=1e-5)
+
+
+def test_a_two_channel_refiner_does_not_start_from_a_click_one(tiny_config, tmp_path):
+    clicking = refine_trainer(tiny_config, tmp_path / "run", in_channels=4)
+    save_checkpoint(clicking.checkpoint(), tmp_path / "clicks.pt")
+    export_checkpoint(tmp_path / "clicks.pt", tmp_path / "models")
+    with pytest.raises(InputError, match="takes 4 input channels; this run builds one that takes 2"):
+        refine_trainer(tiny_config, tmp_path / "other", in_channels=2).start_from(tmp_path / "models")
 
 
 @pytest.mark.parametrize("stage, message", [("liver", "its liver network is"), ("refine", "its refine network is")])
@@ -339,7 +366,8 @@ def test_the_refinement_network_trains_under_bfloat16_autocast_without_loss_scal
         return logits.float().mean()
 
     monkeypatch.setattr(trainer.task, "loss", loss)
-    trainer.optimise(torch.randn(2, 2, 16, 16, 16).to(memory_format=torch.channels_last_3d), torch.zeros(2, 16, 16, 16, dtype=torch.long))
+    inputs = torch.randn(2, config.model["in_channels"], 16, 16, 16).to(memory_format=torch.channels_last_3d)
+    trainer.optimise(inputs, torch.zeros(2, 16, 16, 16, dtype=torch.long))
     assert precisions == [torch.bfloat16] and not trainer.scaler.is_enabled()
     assert all(value.dtype == torch.float32 for value in trainer.model.state_dict().values() if value.is_floating_point())
 
@@ -367,7 +395,13 @@ def test_train_help_shows_the_defaults_of_the_stage_it_is_asked_for():
                                                       "the pool (default 100)" in refine
     assert "(default 12,24,48,96)" in refine and "(default 3)" in refine
     assert "--batch-size N default 2" in liver and "(default 8,16,32,64,128)" in liver
-    assert "--anatomy" in liver and "--anatomy" not in refine and "--darn-fraction" not in liver
+    assert "--darn-fraction" not in liver and "--small-phantoms" not in refine
+
+
+def test_the_refinement_stage_draws_on_label_maps_too_with_its_own_phantom_share():
+    refine = help_text("train", "--stage", "refine")
+    assert "--anatomy DIR" in refine and "--phantom-fraction P with --anatomy: share of phantoms among the " \
+                                             "training cases (default 0.2)" in refine
 
 
 @pytest.mark.parametrize("stage, option", [("tumor", ["--models", "weights"]), ("tumor", ["--darn-fraction", "0.5"]),
@@ -382,7 +416,7 @@ def test_options_left_out_keep_the_stages_defaults(tmp_path):
     args = build_parser("refine").parse_args(["train", "--stage", "refine", "--out", str(tmp_path), "--widths", "6,12"])
     config = config_from_args(args)
     assert (config.batch_size, config.refresh_every, config.val_cases) == (8, 100, 3)
-    assert config.model == {"widths": (6, 12)}
+    assert config.model == {"widths": (6, 12), "in_channels": 4}
 
 
 @pytest.mark.parametrize("network, stage, key", [(DARN, "tumor", "encoder_widths"), (BoundaryRefinementNet, "refine", "widths")])

@@ -123,7 +123,7 @@ def test_a_refinement_checkpoint_exports_as_refine_pt_under_its_own_limit(tmp_pa
     loaded, entry = load_model(tmp_path / "models", "refine")
     x = torch.randn(1, 2, 8, 8, 8)
     torch.testing.assert_close(loaded(x), model(x))
-    assert entry["model"] == {"architecture": "refine", "widths": [4, 8]}
+    assert entry["model"] == {"architecture": "refine", "widths": [4, 8], "in_channels": 2}  # declared: no clicks
     monkeypatch.setattr(weights, "MAX_REFINE_MODEL_BYTES", 1000)
     with pytest.raises(InputError, match="over the 0 MiB limit"):
         export_checkpoint(checkpoint, tmp_path / "models", overwrite=True)

@@ -39,7 +39,8 @@ from LiverTumorDARNLib.io import write_json
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import resolve_device
-from LiverTumorDARNLib.refine import Refiner, widened_mm
+from LiverTumorDARNLib.refine import Refiner
+from LiverTumorDARNLib.regions import widened_mm
 from LiverTumorDARNLib.training.refine_task import corrupted_map
 from LiverTumorDARNLib.weights import MANIFEST_NAME, bundled_models_dir, load_manifest
 

@@ -4,7 +4,8 @@
 
 Each network takes optimiser steps on random inputs of its training shapes through the training
 loop's own step (``training.loop.Trainer.optimise``: the stage's layout, precision and loss): the
-refinement network on its default batch of 2 x 32^3 patches in channels-last memory, DARN's tumor
+refinement network on its default batch of 32^3 patches (image, coarse mask and the two click
+maps) in channels-last memory, DARN's tumor
 stage on its default batch and patch with deep supervision. The median of the steps after the
 first (allocations) is printed. Drawing the training samples is not included: it depends on the
 scans, not on the precision.
@@ -19,8 +20,8 @@ import time
 
 import torch
 
+from LiverTumorDARNLib.patches import PATCH_SIZE
 from LiverTumorDARNLib.pipeline import STAGES, resolve_device
-from LiverTumorDARNLib.refine import PATCH_SIZE
 from LiverTumorDARNLib.training.loop import WORLD_OF_ONE, Trainer, make_task
 from LiverTumorDARNLib.training.options import TrainConfig
 
@@ -31,7 +32,8 @@ def trainer_and_batch(stage: str, device: torch.device, amp: bool):
     torch.manual_seed(0)
     trainer = Trainer(config, make_task(config), device, WORLD_OF_ONE)
     if stage == "refine":
-        inputs = torch.randn(config.batch_size, 2, *[PATCH_SIZE] * 3).to(device, memory_format=torch.channels_last_3d)
+        inputs = torch.randn(config.batch_size, config.model["in_channels"], *[PATCH_SIZE] * 3).to(
+            device, memory_format=torch.channels_last_3d)
         targets = torch.randint(0, 2, (config.batch_size, *[PATCH_SIZE] * 3), device=device)
     else:
         patch = STAGES[stage].patch_size

@@ -133,8 +133,8 @@ def is_single_case(inputs: list[Path], output: Path) -> bool:
 def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, int, int]],
                negatives: list[tuple[int, int, int]], job: Job) -> list[str]:
     """Correct the label map ``mask`` of the CT ``source`` with clicks (voxel i, j, k) and write it
-    to ``target``: positive clicks first, then negative ones; without clicks every tumor is refined.
-    Returns what each step did."""
+    to ``target``: positive clicks first, then negative ones, each given those before it; without
+    clicks every tumor is refined. Returns what each step did."""
     from .refine import Refiner
 
     fmt = output_format(target, job.fmt)
@@ -146,10 +146,11 @@ def refine_one(source: Path, mask: Path, target: Path, clicks: list[tuple[int, i
     if not clicks and not negatives:
         changes = [refiner.refine_all(ct, labels)]
     else:
-        changes = []
+        changes, made = [], []
         for point, positive in [(c, True) for c in clicks] + [(c, False) for c in negatives]:
-            changes.append(refiner.click(ct, labels, point, positive))
+            changes.append(refiner.click(ct, labels, point, positive, made))
             labels = changes[-1].labels
+            made.append((point, positive))
     refined = sitk.GetImageFromArray(changes[-1].labels)
     refined.CopyInformation(ct)
     write_segmentation(refined, target, fmt, source, job.series_uid, job.overwrite)

@@ -246,9 +246,11 @@ def build_parser(train_stage: str = "liver") -> argparse.ArgumentParser:
         "refine", help="correct tumor boundaries of a label map with the refinement network",
         description="Refine the tumors of a label map (0 background, 1 liver, 2 tumor, on the CT's "
                     "grid) with the boundary-refinement network. --click I,J,K (voxel index) refines "
-                    "the tumor under or near the click, or adds a lesion where none is near; "
-                    "--negative I,J,K removes the tumor under the click, or trims the offshoot it is on. "
-                    "Positive clicks run first, then negative ones. Without clicks every tumor is refined.")
+                    "the tumor under the click, or marks missed tumor there: the lesion is added, or the "
+                    "tumor beside it grown; --negative I,J,K removes the false part of the tumor under "
+                    "the click. Positive clicks run first, then negative ones, each given the clicks "
+                    "before it; a click that can change nothing says why. Without clicks every tumor is "
+                    "refined.")
     refine.add_argument("input", type=Path, metavar="INPUT", help="the CT (file or DICOM folder)")
     refine.add_argument("--mask", type=Path, required=True, metavar="COARSE", help="label map to correct")
     refine.add_argument("--click", type=_voxel, action="append", default=[], metavar="I,J,K")
@@ -273,8 +275,8 @@ def build_parser(train_stage: str = "liver") -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train a DARN stage or the refinement network on phantoms or a LiTS-layout folder",
-        description=f"Train one stage on phantoms drawn on the fly, CT drawn on real label maps (DARN "
-                    f"stages) or volume-K / segmentation-K pairs (the LiTS layout). Runs under torchrun "
+        description=f"Train one stage on phantoms drawn on the fly, CT drawn on real label maps or "
+                    f"volume-K / segmentation-K pairs (the LiTS layout). Runs under torchrun "
                     f"for several GPUs. The options and defaults shown are the {train_stage} stage's; "
                     f"'train --stage STAGE --help' shows those of another stage ({', '.join(STAGE_NAMES)}).")
     add_train_arguments(train, train_stage)

@@ -398,13 +398,16 @@ class BoundaryRefinementNet(nn.Module):
     can shrink or expand the coarse mask. The paper fixes only that outline; our choices:
 
     - A 3D encoder-decoder over ``widths`` levels (default 12, 24, 48, 96: the 32^3 patch of
-      ``refine.PATCH_SIZE`` reaches 4^3 at the bottom, enough to see the whole tumor and its
+      ``patches.PATCH_SIZE`` reaches 4^3 at the bottom, enough to see the whole tumor and its
       rim). The widths keep one click under a second on a 2-core CPU and the file under 8 MiB.
       Residual blocks, InstanceNorm and LeakyReLU as in DARN, for the same reasons.
     - Skip connections through :class:`FeatureExtractionPath` with ``levels - 1 - i`` blocks at
       level i (3, 2, 1 for four levels): the paper's feature-extraction blocks.
     - Decoder: trilinear upsampling, concatenation with the skip path, one residual block.
     - Two output classes and DARN's Dice + cross-entropy loss, so the training code is shared.
+    - ``in_channels`` 4 adds the positive and negative clicks' maps after the image and the mask
+      (``patches.click_maps``), as interactive segmentation networks take them; the paper has no
+      clicks. The mask stays channel 1, so the mask prior below is the same for both.
     - The coarse mask is also added to the output logits, +/- ``mask_prior`` (a learned weight,
       3 at the start: 95% for the coarse answer). An untrained network thus returns the coarse
       mask and training learns only the corrections, so a mask that is already good stays good
@@ -412,14 +415,17 @@ class BoundaryRefinementNet(nn.Module):
       network first had to relearn the mask it was given and made good masks worse.
     """
 
-    def __init__(self, widths: Sequence[int] = (12, 24, 48, 96), negative_slope: float = 0.01):
+    def __init__(self, widths: Sequence[int] = (12, 24, 48, 96), negative_slope: float = 0.01, in_channels: int = 2):
         super().__init__()
         levels = len(widths)
         if levels < 2:
             raise ValueError(f"the refinement network needs at least 2 levels, got widths={tuple(widths)}")
+        if in_channels < 2:
+            raise ValueError(f"the refinement network takes the image and the coarse mask at least, got in_channels={in_channels}")
         self.size_multiple: int = SCALE_BETWEEN_LEVELS ** (levels - 1)
+        self.in_channels: int = in_channels
         self.encoder = nn.ModuleList([
-            nn.Sequential(ConvNormAct(2 if i == 0 else widths[i - 1], width,
+            nn.Sequential(ConvNormAct(in_channels if i == 0 else widths[i - 1], width,
                                       stride=1 if i == 0 else SCALE_BETWEEN_LEVELS, negative_slope=negative_slope),
                           ResidualBlock(width, width, negative_slope))
             for i, width in enumerate(widths)])
@@ -430,7 +436,8 @@ class BoundaryRefinementNet(nn.Module):
         self.mask_prior = nn.Parameter(torch.tensor(INITIAL_MASK_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, 2, D, H, W] (image, coarse mask), sizes divisible by 2**(levels-1) -> logits [B, 2, D, H, W]."""
+        """x: [B, in_channels, D, H, W] (image, coarse mask(, positive and negative clicks)), sizes divisible
+        by 2**(levels-1) -> logits [B, 2, D, H, W]."""
         half_prior = self.mask_prior * (x[:, 1:2] - 0.5)
         features: List[torch.Tensor] = []
         for stage in self.encoder:

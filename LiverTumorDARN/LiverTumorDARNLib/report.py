@@ -50,8 +50,12 @@ class CaseReport:
 
 
 def measure(ct: sitk.Image, labels: sitk.Image) -> CaseReport:
-    """Measure every tumor of a label map on its CT (both on the same grid, any orientation)."""
-    canonical_ct, canonical_labels = to_canonical(ct), to_canonical(labels)
+    """Measure every tumor of a label map on its CT (both on the same grid, any orientation).
+
+    Only the box around the liver is read (a crop keeps every voxel's physical position and the
+    tumors' raster order): the Slicer panel measures the report again after every click."""
+    organ = _organ_box(sitk.GetArrayViewFromImage(labels))
+    canonical_ct, canonical_labels = to_canonical(ct[organ]), to_canonical(labels[organ])
     hu = sitk.GetArrayViewFromImage(canonical_ct)
     label_array = sitk.GetArrayViewFromImage(canonical_labels)
     spacing = np.array(canonical_labels.GetSpacing())  # x, y, z
@@ -94,6 +98,15 @@ def _numbered_by_size(canonical_labels: np.ndarray) -> np.ndarray:
     number_of = np.zeros(len(sizes) + 1, components.dtype)
     number_of[np.argsort(-sizes, kind="stable") + 1] = np.arange(1, len(sizes) + 1)
     return number_of[components]
+
+
+def _organ_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
+    """The (x, y, z) slices of an image around every nonzero voxel of its [z, y, x] array (one voxel for none)."""
+    box = []
+    for axis in (2, 1, 0):
+        present = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1) if len(present) else slice(0, 1))
+    return tuple(box)
 
 
 def longest_axial_diameter(mask: np.ndarray, spacing_xy) -> float:

@@ -198,6 +198,8 @@ def export_checkpoint(checkpoint: Path, models_dir: Path, note: str = "", overwr
     model = build_model(architecture)
     model.load_state_dict({key: value for key, value in payload["model"].items()
                            if not key.startswith("auxiliary_heads.")})
+    if not is_darn:  # the runtime gives the clicks only to a network whose entry declares them
+        architecture["in_channels"] = model.in_channels
     _export_within_limit(model, target, MAX_MODEL_BYTES if is_darn else MAX_REFINE_MODEL_BYTES, overwrite)
     manifest = _manifest_or_new(models_dir)
     manifest["models"][name] = {

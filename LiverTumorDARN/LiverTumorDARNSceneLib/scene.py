@@ -169,6 +169,16 @@ def on_volume_grid(array: np.ndarray, volume_node) -> sitk.Image:
     return image
 
 
+def volume_state(volume_node) -> tuple:
+    """What :func:`image_from_volume` reads: equal states give equal images, so a caller may keep
+    the image it read instead of copying a large CT again."""
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        return (volume_node.GetID(),)
+    return (volume_node.GetID(), image.GetMTime(), image.GetPointData().GetScalars().GetMTime(),
+            tuple(world_ijk_to_ras(volume_node).ravel()))
+
+
 def set_volume_from_image(volume_node, image: sitk.Image) -> None:
     """Voxels and geometry of a SimpleITK image (LPS) into a volume node: the inverse of
     :func:`image_from_volume` for a volume without parent transform."""
@@ -329,8 +339,10 @@ def write_segments(segmentation_node, volume_node, labels: np.ndarray, per_tumor
     """
     _check_labels_fit(labels, volume_node)
     register_segmentation_converters()
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    # The transform first: Slicer stores the reference grid in the segmentation's own frame, which
+    # is then the volume's, so the grid is the volume's own (what _check_on_volume_grid reads).
     segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     for segment_ids in module_segment_ids(segmentation_node).values():
         for segment_id in segment_ids:
             segmentation_node.GetSegmentation().RemoveSegment(segment_id)
@@ -390,11 +402,50 @@ def labels_from_segments(segmentation_node, volume_node) -> np.ndarray:
     if not ids["liver"]:
         raise InputError(f'{segmentation_node.GetName()} has no "{LIVER_SEGMENT.name}" segment of this module; '
                          f'run "Segment tumors" first')
+    _check_on_volume_grid(segmentation_node, volume_node)
     # Merged in this order, liver is 1 and the tumor segments 2, 3, ... (later segments win
     # overlaps), so the minimum with TUMOR (= LIVER + 1) is the label: one pass over the volume,
     # where a comparison, a choice and two casts cost a tenth of a second of every click.
     merged = _merged_labels(segmentation_node, volume_node, ids["liver"][:1] + ids["tumor"])
     return np.minimum(merged, TUMOR).astype(np.uint8)
+
+
+def segments_state(segmentation_node, volume_node) -> tuple:
+    """What :func:`labels_from_segments` reads: the module's segments (ids and when their voxels
+    last changed), the segmentation's grid and transform, and the volume's grid. Equal states give
+    equal labels, so a caller may keep the labels it read: an edit in the Segment Editor, an undo
+    or another volume changes the state."""
+    segmentation = segmentation_node.GetSegmentation()
+    segments = []
+    for segment_id in [segment for role in module_segment_ids(segmentation_node).values() for segment in role]:
+        labelmap = segmentation.GetSegment(segment_id).GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        scalars = labelmap.GetPointData().GetScalars() if labelmap is not None else None
+        segments.append((segment_id, labelmap.GetMTime() if labelmap is not None else 0,
+                         scalars.GetMTime() if scalars is not None else 0))
+    geometry = segmentation.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    return (tuple(segments), geometry, segmentation_node.GetTransformNodeID(), volume_node.GetID(),
+            tuple(local_ijk_to_ras(volume_node).ravel()), volume_node.GetTransformNodeID())
+
+
+def _check_on_volume_grid(segmentation_node, volume_node) -> None:
+    """Refuse segments made on another grid than the volume's (another scan, or a resampled one):
+    read onto this volume they would be resampled, and an edit written back would not fit them.
+    The grid is the segmentation's reference geometry, which :func:`write_segments` takes from
+    the volume it writes for."""
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    reference = slicer.vtkOrientedImageData()
+    if not geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference):
+        return  # segments without a reference grid keep their own: Slicer merges them as they are
+    matrix = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(matrix)
+    volume_matrix = local_ijk_to_ras(volume_node)
+    same = (tuple(reference.GetExtent()) == tuple(volume_node.GetImageData().GetExtent())
+            and np.allclose(_array_from_matrix(matrix), volume_matrix, atol=1e-3 * np.abs(volume_matrix[:3, :3]).max()))
+    if not same:
+        raise InputError(f"{segmentation_node.GetName()} was made on another grid than {volume_node.GetName()}'s; "
+                         f"select the volume it was made on, or segment this volume first")
 
 
 def _merged_labels(segmentation_node, volume_node, segment_ids: list[str], box=None) -> np.ndarray:

@@ -321,7 +321,8 @@ class ClickSession:
 
     The network runs on one thread that lives as long as the session, so it is loaded once
     (``load_refiner`` runs there on the first edit) and its caches stay warm between clicks. The
-    CT and the labels are read from the scene when an edit is asked for, the result is written by
+    CT and the labels are read from the scene when an edit is asked for (kept from the last edit
+    while the scene's volume and segments are as that edit left them), the result is written by
     :meth:`poll`, both on the calling thread. Each written edit can be taken back with
     :meth:`undo`: the session keeps its own history of the segments (Slicer's
     vtkSegmentationHistory), and never touches the Segment Editor's.
@@ -333,6 +334,8 @@ class ClickSession:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="LiverTumorDARN-clicks")
         self._pending = None
         self._histories: dict = {}
+        self._edits: dict = {}  # per segmentation, what made each state of its history: a click ((i, j, k), positive) or None
+        self._read: dict = {}  # ("ct", volume) or ("labels", segmentation): (the scene's state when read, what was read)
 
     @property
     def busy(self) -> bool:
@@ -340,12 +343,15 @@ class ClickSession:
         return self._pending is not None
 
     def click(self, volume_node, segmentation_node, point_ras, positive: bool = True) -> bool:
-        """Start a click at a world RAS point (see ``Refiner.click``); False while an edit runs."""
+        """Start a click at a world RAS point (see ``Refiner.click``, which is given the earlier
+        clicks that edited these segments and were not undone); False while an edit runs."""
         from . import scene
 
         point_ijk = scene.ras_to_ijk(volume_node, point_ras)
+        earlier = self._earlier_clicks(segmentation_node)
         return self._start(volume_node, segmentation_node,
-                           lambda refiner, ct, labels: refiner.click(ct, labels, point_ijk, positive))
+                           lambda refiner, ct, labels: refiner.click(ct, labels, point_ijk, positive, earlier),
+                           (point_ijk, positive))
 
     def refine_all(self, volume_node, segmentation_node) -> bool:
         """Start refining every tumor of the module's segments; False while an edit runs."""
@@ -357,7 +363,7 @@ class ClickSession:
         started. Raises the edit's error, leaving the segments as they were."""
         if self._pending is None or not self._pending[0].done():
             return None
-        future, volume_node, segmentation_node, ct = self._pending
+        future, volume_node, segmentation_node, ct, made_by = self._pending
         self._pending = None
         change: Change = future.result()
         from . import scene
@@ -365,6 +371,8 @@ class ClickSession:
         if change.box is not None:
             self._history(segmentation_node).SaveState()
             scene.apply_change(segmentation_node, volume_node, change.labels, change.box)
+            self._edits.setdefault(self._key(segmentation_node), []).append(made_by)
+            self._read[("labels", segmentation_node)] = (scene.segments_state(segmentation_node, volume_node), change.labels)
         return self._edit(change.message, scene.measure(ct, change.labels), table_node)
 
     def wait(self, table_node=None) -> Edit | None:
@@ -378,9 +386,12 @@ class ClickSession:
         length); None when there is nothing to take back."""
         from . import scene
 
-        history = self._histories.get(segmentation_node.GetSegmentation())
+        history = self._histories.get(self._key(segmentation_node))
         if history is None or not history.IsRestorePreviousStateAvailable() or not history.RestorePreviousState():
             return None
+        edits = self._edits.get(self._key(segmentation_node))
+        if edits:
+            edits.pop()
         return self._edit("last refinement undone", scene.measure_segments(segmentation_node, volume_node), table_node)
 
     def close(self) -> None:
@@ -388,7 +399,7 @@ class ClickSession:
         self._pending = None
         self._thread.shutdown(wait=False)
 
-    def _start(self, volume_node, segmentation_node, edit: Callable) -> bool:
+    def _start(self, volume_node, segmentation_node, edit: Callable, made_by: tuple | None = None) -> bool:
         if self.busy:
             return False
         from LiverTumorDARNLib.errors import InputError
@@ -398,10 +409,11 @@ class ClickSession:
         if volume_node is None or segmentation_node is None:
             raise InputError('select the CT volume and the segmentation that "Segment tumors" wrote')
 
-        ct = scene.image_from_volume(volume_node)
-        labels = scene.labels_from_segments(segmentation_node, volume_node)
+        ct = self._kept(("ct", volume_node), scene.volume_state(volume_node), lambda: scene.image_from_volume(volume_node))
+        labels = self._kept(("labels", segmentation_node), scene.segments_state(segmentation_node, volume_node),
+                            lambda: scene.labels_from_segments(segmentation_node, volume_node))
         future = self._thread.submit(lambda: edit(self._refiner_on_thread(), ct, labels))
-        self._pending = (future, volume_node, segmentation_node, ct)
+        self._pending = (future, volume_node, segmentation_node, ct, made_by)
         return True
 
     def _refiner_on_thread(self) -> Refiner:
@@ -409,10 +421,29 @@ class ClickSession:
             self._refiner = self._load_refiner()
         return self._refiner
 
+    def _kept(self, key: tuple, state: tuple, read: Callable):
+        """What ``read`` returns, read again only when the scene's ``state`` differs from when it
+        was last read, so that a click does not copy the CT and merge the segments again when the
+        previous click left them as they were."""
+        kept = self._read.get(key)
+        if kept is None or kept[0] != state:
+            kept = self._read[key] = (state, read())
+        return kept[1]
+
+    def _earlier_clicks(self, segmentation_node) -> list:
+        """The clicks among the edits that made the segments' present state (undone ones are forgotten)."""
+        if segmentation_node is None:
+            return []
+        return [made for made in self._edits.get(self._key(segmentation_node), []) if made is not None]
+
+    @staticmethod
+    def _key(segmentation_node):
+        return segmentation_node.GetSegmentation()
+
     def _history(self, segmentation_node):
         import slicer
 
-        segmentation = segmentation_node.GetSegmentation()
+        segmentation = self._key(segmentation_node)
         if segmentation not in self._histories:
             self._histories[segmentation] = slicer.vtkSegmentationHistory()
             self._histories[segmentation].SetSegmentation(segmentation)

@@ -21,7 +21,9 @@ Choices and why (nnU-Net, Isensee et al. 2021, unless said otherwise):
   weights and the checkpoint records them.
 - A run never replaces another run's checkpoints; ``resume`` continues one exactly where it
   stopped (weights, optimiser, loss scale, iteration, best score), and only with the same stage
-  and network; ``init_from`` starts from exported weights of the same stage and network.
+  and network; ``init_from`` starts from exported weights of the same stage and network, or of
+  one that takes fewer input channels (a refiner trained before the click channels), whose
+  missing channels start at zero weight.
 """
 
 from __future__ import annotations
@@ -181,13 +183,18 @@ class Trainer:
                 self.network, device_ids=[device.index] if device.type == "cuda" else None)
 
     def start_from(self, models_dir: Path) -> None:
-        """Start from exported weights of this stage and network (a DARN's deep-supervision heads,
-        which export drops, start afresh)."""
+        """Start from exported weights of this stage and network. A DARN's deep-supervision heads,
+        which export drops, start afresh; a network that takes fewer input channels than this one
+        (a refiner exported before the click channels) gets zero weights for the others, so the run
+        starts by computing exactly what that network computed."""
         module, entry = load_model(Path(models_dir), self.task.name)
-        if plain(entry["model"]) != plain(self.task.exported_architecture):
+        if _apart_from_inputs(entry["model"]) != _apart_from_inputs(self.task.exported_architecture):
             raise InputError(f"{models_dir}: its {self.task.name} network is {entry['model']}; "
                              f"this run builds {self.task.exported_architecture}")
-        missing = self.model.load_state_dict(module.state_dict(), strict=False).missing_keys
+        ours = self.model.state_dict()
+        weights = {key: _with_input_channels(value, ours[key], models_dir) if key in ours else value
+                   for key, value in module.state_dict().items()}
+        missing = self.model.load_state_dict(weights, strict=False).missing_keys
         if any(not key.startswith("auxiliary_heads.") for key in missing):
             raise InputError(f"{models_dir}: its {self.task.name} network lacks {missing[0]}")
 
@@ -236,6 +243,24 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "config": self.config.record(), "stage": self.task.stage_record,
                 "best_val_dice": self.best_score, "val_scores": self.scores}
+
+
+def _apart_from_inputs(architecture: dict) -> dict:
+    return {key: value for key, value in plain(architecture).items() if key != "in_channels"}
+
+
+def _with_input_channels(given: torch.Tensor, wanted: torch.Tensor, models_dir: Path) -> torch.Tensor:
+    """``given`` as a weight of ``wanted``'s shape: a first convolution that reads fewer input
+    channels (dimension 1) is padded with zeros; a wider one is refused."""
+    if given.shape == wanted.shape:
+        return given
+    if given.dim() != 5 or given.shape[0] != wanted.shape[0] or given.shape[2:] != wanted.shape[2:] \
+            or given.shape[1] > wanted.shape[1]:
+        raise InputError(f"{models_dir}: its network takes {given.shape[1]} input channels; "
+                         f"this run builds one that takes {wanted.shape[1]}")
+    widened = torch.zeros_like(wanted)
+    widened[:, :given.shape[1]] = given
+    return widened
 
 
 def resolve_amp(requested: bool | None, device: torch.device) -> bool:

@@ -21,7 +21,7 @@ STAGE_NAMES = (*DARN_STAGES, "refine")
 
 _COMMON = {
     "iterations": 2000, "learning_rate": 1e-3, "weight_decay": 1e-4, "pool_size": 8, "val_every": 200,
-    "randomize_fraction": 0.5, "phantom_seed_start": 0, "seed": 0, "device": "auto",
+    "randomize_fraction": 0.5, "phantom_fraction": 0.2, "phantom_seed_start": 0, "seed": 0, "device": "auto",
 }
 _DARN = {
     **_COMMON,
@@ -30,7 +30,6 @@ _DARN = {
     # Prepared cases are cheap to swap (small phantoms, crops of the liver), so they change often.
     "refresh_every": 10,
     "val_cases": 2,
-    "phantom_fraction": 0.2,
     "model": {"encoder_widths": (8, 16, 32, 64, 128), "pyramid_width": 16, "order": "spa_sem"},
 }
 _REFINE = {
@@ -42,12 +41,13 @@ _REFINE = {
     # Validation scores patches of these scans, 16 per scan.
     "val_cases": 3,
     "darn_fraction": 0.25,
-    "model": {"widths": (12, 24, 48, 96)},
+    # Image and coarse mask, then the positive and negative clicks' maps (2: no clicks).
+    "model": {"widths": (12, 24, 48, 96), "in_channels": 4},
 }
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {"liver": _DARN, "tumor": _DARN, "refine": _REFINE}
 """Each stage's default settings (TrainConfig fields)."""
 
-_DARN_ONLY = ("anatomy", "phantom_fraction", "phantom_small", "patch_size")
+_DARN_ONLY = ("phantom_small", "patch_size")
 _REFINE_ONLY = ("models_dir", "darn_fraction")
 _FRACTIONS = ("phantom_fraction", "randomize_fraction", "darn_fraction")
 _AT_LEAST_ONE = ("iterations", "batch_size", "pool_size", "refresh_every", "val_every")
@@ -69,7 +69,7 @@ class TrainConfig:
     data: Path | None = None
     """A folder in the LiTS layout, or None for cases drawn on the fly."""
     anatomy: Path | None = None
-    """DARN stages: a folder of real label maps to draw CT on (:mod:`anatomy`); None: phantoms only."""
+    """A folder of real label maps to draw CT on (:mod:`anatomy`); None: phantoms only."""
     phantom_fraction: float | None = None
     """With ``anatomy``: the share of training cases that are phantoms all the same."""
     phantom_small: bool = False
@@ -84,8 +84,8 @@ class TrainConfig:
     """Refine: the share of training scans DARN segments for coarse masks (each costs a DARN run)."""
     # Network
     model: dict | None = None
-    """The network's settings (DARN: encoder_widths, pyramid_width, order; refine: widths), merged
-    over the stage's defaults."""
+    """The network's settings (DARN: encoder_widths, pyramid_width, order; refine: widths,
+    in_channels), merged over the stage's defaults."""
     patch_size: tuple[int, int, int] | None = None
     """DARN stages: (z, y, x) instead of the stage's patch size (small GPUs, tests)."""
     init_from: Path | None = None
@@ -170,12 +170,12 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="LiTS-layout folder (volume-K / segmentation-K); default: phantoms drawn on the fly")
+    parser.add_argument("--anatomy", type=Path, metavar="DIR",
+                        help="folder of real label maps to draw training CT on (e.g. ../shared/anatomy); "
+                             "every tenth map of each data set is held out for validation")
+    parser.add_argument("--phantom-fraction", type=float, metavar="P",
+                        help=f"with --anatomy: share of phantoms among the training cases (default {defaults['phantom_fraction']})")
     if darn:
-        parser.add_argument("--anatomy", type=Path, metavar="DIR",
-                            help="folder of real label maps to draw training CT on (e.g. ../shared/anatomy); "
-                                 "every tenth map of each data set is held out for validation")
-        parser.add_argument("--phantom-fraction", type=float, metavar="P",
-                            help=f"with --anatomy: share of phantoms among the training cases (default {defaults['phantom_fraction']})")
         parser.add_argument("--small-phantoms", action="store_true", help="96x96 phantoms at ~4 mm (suits the liver stage)")
     else:
         parser.add_argument("--models", type=Path, metavar="DIR",
@@ -188,7 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
                         help=f"first training phantom seed (default {defaults['phantom_seed_start']}; "
                              f"the seeds must stay below the validation range, 800000)")
     parser.add_argument("--init-from", type=Path, metavar="MODELS_DIR",
-                        help=f"start from this weights folder's {stage} network (fine-tuning)")
+                        help=f"start from this weights folder's {stage} network (fine-tuning)"
+                             f"{'' if darn else '; a refiner without click channels gets zero weights for them'}")
     parser.add_argument("--widths", type=_positive_ints, metavar="W,W,...",
                         help=f"{'encoder ' if darn else ''}widths, one per level (default {_listed(widths)})")
     if darn:

@@ -1,17 +1,28 @@
-"""Training the boundary-refinement network: (image patch, coarse-mask patch) in, true tumor out.
+"""Training the boundary-refinement network: (image patch, coarse-mask patch, clicks) in, true tumor out.
 
 The coarse masks are what the network will be given in use:
 - DARN's own predictions on the training scans (the bundled weights, or ``models_dir``), and
 - synthetic corruptions of each true tumor (``CORRUPTIONS``): eroded, dilated, shifted, smoothed,
   a missing piece, an extra piece, merged with a neighbouring blob, the seed of a click on the
-  tumor as if it were missed (``refine.lesion_seed`` at a point inside it: "click"), the seed ball
+  tumor as if it were missed (``lesion_seeds.lesion_seed`` at a point inside it: "click"), the seed ball
   (such a click where the contrast gives no seed: "seed"), a blob in tumor-free liver (a false
   positive, target: nothing), and the truth itself (a good mask must stay good).
-Patches are cut by the same ``refine.patch_around`` / ``patch_inputs`` as inference, around the
+Patches are cut by the same ``patches.patch_around`` / ``patch_inputs`` as inference, around the
 coarse mask, so training sees exactly the geometry a click produces. The target is every true
 tumor voxel in the patch. The loss is DARN's Dice + cross-entropy over two classes.
 
-Scans are full-size phantoms (or LiTS-layout ``data``) from the loop's pool (``data.py``). Many
+A network with click channels (``in_channels`` 4, the default) is trained on simulated click
+sequences, as interactive segmentation networks are (:func:`simulated_clicks`): up to
+``MAX_SIMULATED_CLICKS`` clicks on the coarse mask's errors, each at the error's deepest point or
+at another deep point (people do not click on the exact centre), positive on missed tumor and
+negative on false tumor, the largest error last (the newest click, on which inference centres
+the patch), and at times a click on a part already right (an earlier click that was followed).
+A good mask mostly gets no click, so good masks stay good. ``init_from`` may start such a network
+from a 2-channel one (trained before the clicks): the click channels start at zero weights
+(``loop.Trainer.start_from``), so the run starts from exactly that network.
+
+Scans are full-size phantoms, CT drawn on real label maps (``anatomy``, a ``phantom_fraction`` of
+phantoms among them) or LiTS-layout ``data``, from the loop's pool (``data.py``). Many
 scans matter more than many steps: on a pool replaced slowly the network learned the pool's
 tumors by heart (training loss falling, held-out Dice falling with it). A DARN run costs twice
 the drawing of a phantom, so only ``darn_fraction`` of the training scans get DARN's masks.
@@ -40,14 +51,25 @@ from ..metrics import dice
 from ..models import build_model
 from ..phantom import VALIDATION_SEED_START
 from ..pipeline import load_stages, segment
-from ..refine import (PATCH_SIZE, SEED_RADIUS_MM, ball, index_bounds, labels_to_patch, lesion_seed, liver_hu,
-                      on_region, paste_tumor, patch_around, patch_inputs, widened_mm)
+from ..errors import InputError
+from ..label_edits import paste_tumor
+from ..lesion_seeds import SEED_RADIUS_MM, lesion_seed
+from ..patches import (CLICK_CHANNELS, IMAGE_CHANNELS, PATCH_SIZE, Click, index_bounds, labels_to_patch, liver_hu,
+                       patch_around, patch_inputs)
+from ..regions import Box, ball, on_region, widened_mm
 from .data import RawCase
 from .losses import dice_ce_loss
 from .options import TrainConfig
 
 CORRUPTIONS = ("darn", "erode", "dilate", "shift", "smooth", "missing", "extra", "merged", "click", "seed", "good",
                "false")
+MAX_SIMULATED_CLICKS = 4
+CLICK_CONTEXT_MM = 12.0
+"""Clicks are simulated on the errors within this margin of the coarse tumor's box."""
+MIN_CLICKED_ERROR_VOXELS = 8
+"""Error regions smaller than this get no click: nobody clicks on a voxel or two."""
+RIGHT_CLICK_SHARE = 0.25
+"""Samples that get a click on a part the mask has right besides."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -163,10 +185,11 @@ def _segment_mask(mask: np.ndarray, point) -> np.ndarray:
 # Samples
 
 
-def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
-    """(inputs [2, P, P, P], target [P, P, P]) for one corrupted tumor of ``scan``, or None when
-    the scan offers none of the drawn kind."""
+def draw_sample(scan: Scan, rng: np.random.Generator, with_clicks: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """(inputs [2, P, P, P], or [4, P, P, P] ``with_clicks``; target [P, P, P]) for one corrupted
+    tumor of ``scan``, or None when the scan offers none of the drawn kind."""
     kind = CORRUPTIONS[rng.integers(len(CORRUPTIONS))]
+    clicked: list[Click] = []
     if kind == "false":
         drawn = _false_positive(scan, rng)
     elif not scan.tumor_boxes:
@@ -176,17 +199,55 @@ def draw_sample(scan: Scan, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
         if kind == "darn":
             drawn = _darn_component(scan, number)
         elif kind == "click":
-            drawn = _click_seed(scan, number, rng)
+            *drawn, point = _click_seed(scan, number, rng)
+            clicked = [Click(point, True)]
         else:
             box = widened_mm(scan.tumor_boxes[number - 1], 12.0, scan.spacing_zyx, scan.truth.shape)
             drawn = corrupt(scan.tumors[box] == number, scan.organ[box], kind, scan.spacing_zyx, rng), box
     if drawn is None or not drawn[0].any():
         return None
     coarse, box = drawn
-    patch = patch_around(scan.ct, *index_bounds(coarse, box), context=rng.uniform(1.3, 1.8))
-    inputs = patch_inputs(scan.ct, on_region(coarse, box, patch.region), patch, scan.liver_hu)
+    clicks = (simulated_clicks(scan, coarse, box, rng) + clicked) if with_clicks else None
+    focus = [clicks[-1].point] if clicks else []
+    patch = patch_around(scan.ct, *index_bounds(coarse, box, focus), context=rng.uniform(1.3, 1.8))
+    inputs = patch_inputs(scan.ct, on_region(coarse, box, patch.region), patch, scan.liver_hu, clicks)
     target = (labels_to_patch(scan.truth, scan.ct, patch) == TUMOR).astype(np.int64)
     return inputs, target
+
+
+def simulated_clicks(scan: Scan, coarse: np.ndarray, box: Box, rng: np.random.Generator) -> list[Click]:
+    """The clicks a person might have made on ``coarse`` (bool on ``box``) so far: up to
+    ``MAX_SIMULATED_CLICKS`` on its errors against the truth, the largest error last, and at times
+    one on a part it has right (see the module's docstring)."""
+    region = widened_mm(box, CLICK_CONTEXT_MM, scan.spacing_zyx, scan.truth.shape)
+    mask, true = on_region(coarse, box, region), scan.truth[region] == TUMOR
+    errors = []
+    for positive, error in ((True, true & ~mask), (False, mask & ~true)):
+        components = cc3d.connected_components(error, connectivity=26)
+        sizes = np.bincount(components.ravel())
+        errors += [(int(sizes[n]), positive, components == n) for n in range(1, len(sizes))
+                   if sizes[n] >= MIN_CLICKED_ERROR_VOXELS]
+    errors.sort(key=lambda error: error[0])
+    count = int(rng.integers(0, MAX_SIMULATED_CLICKS + 1))
+    clicks = [Click(_global(_click_point(part, scan.spacing_zyx, rng), region), positive)
+              for _, positive, part in errors[len(errors) - min(count, len(errors)):]]
+    right = mask & true
+    if right.any() and rng.random() < RIGHT_CLICK_SHARE:
+        clicks.insert(0, Click(_global(_click_point(right, scan.spacing_zyx, rng), region), True))
+    return clicks
+
+
+def _click_point(mask: np.ndarray, spacing_zyx, rng: np.random.Generator) -> tuple[int, int, int]:
+    """Where a click on ``mask`` lands: half the time its deepest point (the benchmark's
+    protocol), else another deep point (:func:`_inner_point`)."""
+    if rng.random() < 0.5:
+        depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+        return tuple(int(i) for i in np.unravel_index(np.argmax(depth), depth.shape))
+    return _inner_point(mask, spacing_zyx, rng)
+
+
+def _global(point: tuple[int, int, int], region: Box) -> tuple[int, int, int]:
+    return tuple(int(p + r.start) for p, r in zip(point, region))
 
 
 def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
@@ -203,12 +264,12 @@ def _darn_component(scan: Scan, number: int) -> tuple[np.ndarray, tuple] | None:
     return scan.darn[darn_box] == found, darn_box
 
 
-def _click_seed(scan: Scan, number: int, rng) -> tuple[np.ndarray, tuple]:
-    """What a click inside true tumor ``number`` starts from were the tumor missed: the seed reads
-    only the CT and where the liver is, so the true map serves."""
+def _click_seed(scan: Scan, number: int, rng) -> tuple[np.ndarray, tuple, tuple[int, int, int]]:
+    """What a click inside true tumor ``number`` starts from were the tumor missed (the seed, its
+    box), and the click: the seed reads only the CT and where the liver is, so the true map serves."""
     box = scan.tumor_boxes[number - 1]
-    local = _inner_point(scan.tumors[box] == number, scan.spacing_zyx, rng)
-    return lesion_seed(scan.ct, scan.truth, tuple(p + b.start for p, b in zip(local, box)), scan.liver_hu)
+    point = _global(_inner_point(scan.tumors[box] == number, scan.spacing_zyx, rng), box)
+    return (*lesion_seed(scan.ct, scan.truth, point, scan.liver_hu), point)
 
 
 def _false_positive(scan: Scan, rng) -> tuple[np.ndarray, tuple] | None:
@@ -219,10 +280,11 @@ def _false_positive(scan: Scan, rng) -> tuple[np.ndarray, tuple] | None:
     return sphere & scan.organ[box], box
 
 
-def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_batch(scans: list[Scan], size: int, rng: np.random.Generator,
+               with_clicks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = [], []
     while len(inputs) < size:
-        sample = draw_sample(scans[rng.integers(len(scans))], rng)
+        sample = draw_sample(scans[rng.integers(len(scans))], rng, with_clicks)
         if sample is None:
             continue
         image, target = sample
@@ -251,7 +313,12 @@ class RefineTask:
 
         self.models_dir = Path(config.models_dir or bundled_models_dir())
         self.darn_fraction = config.darn_fraction
-        self.architecture = {"architecture": "refine", "widths": list(config.model["widths"])}
+        in_channels = config.model["in_channels"]
+        if in_channels not in (IMAGE_CHANNELS, IMAGE_CHANNELS + CLICK_CHANNELS):
+            raise InputError(f"a refinement network takes {IMAGE_CHANNELS} (image, coarse mask) or "
+                             f"{IMAGE_CHANNELS + CLICK_CHANNELS} (and the clicks) input channels, not {in_channels}")
+        self.with_clicks = in_channels == IMAGE_CHANNELS + CLICK_CHANNELS
+        self.architecture = {"architecture": "refine", "widths": list(config.model["widths"]), "in_channels": in_channels}
         self.exported_architecture = self.architecture
         darn_stages(self.models_dir)  # a wrong weights folder is refused now, not in a worker later
 
@@ -270,14 +337,14 @@ class RefineTask:
 
     def batch(self, scans: Sequence[Scan], size: int, rng: np.random.Generator,
               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = draw_batch(scans, size, rng)
+        inputs, targets = draw_batch(scans, size, rng, self.with_clicks)
         return inputs.to(device, memory_format=torch.channels_last_3d), targets.to(device)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return dice_ce_loss(logits, targets)
 
     def validation_set(self, scans: Sequence[Scan]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return _validation_samples(list(scans))
+        return _validation_samples(list(scans), self.with_clicks)
 
     def validate(self, model: torch.nn.Module, samples, device: torch.device, amp: bool) -> dict[str, float]:
         return _validate(model, samples, device)
@@ -302,14 +369,14 @@ def darn_stages(models_dir: Path):
     return load_stages(models_dir, torch.device("cpu"))
 
 
-def _validation_samples(scans: list[Scan], per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+def _validation_samples(scans: list[Scan], with_clicks: bool, per_scan: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(12345)  # the same samples every validation and every run
     samples = []
     for number, scan in enumerate(scans, start=1):
         for _ in range(50 * per_scan):  # a scan without tumors offers only false positives
             if len(samples) == per_scan * number:
                 break
-            sample = draw_sample(scan, rng)
+            sample = draw_sample(scan, rng, with_clicks)
             if sample is not None:
                 samples.append(sample)
     return samples
