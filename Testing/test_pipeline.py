@@ -17,7 +17,7 @@ from LiverTumorDARNLib.io import to_canonical
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.metrics import dice
 from LiverTumorDARNLib.phantom import generate_case
-from LiverTumorDARNLib.pipeline import (STAGES, Stage, drop_unconfident_tumors, gaussian_importance, load_stages,
+from LiverTumorDARNLib.pipeline import (ORGAN_GATE_MM, STAGES, Stage, drop_unconfident_tumors, gaussian_importance, load_stages,
                                         postprocess, prepare_case, segment, sliding_window, working_grid)
 from LiverTumorDARNLib.report import longest_axial_diameter, measure
 
@@ -81,6 +81,29 @@ def test_segment_says_so_when_no_liver_is_found():
     result = segment(ct, Stage(torch.jit.script(Nothing()), STAGES["liver"]), stages()[1], torch.device("cpu"))
     assert not result.liver_found
     assert not sitk.GetArrayViewFromImage(result.labels).any()
+
+
+def test_the_tumor_stage_marks_no_liver_far_from_the_liver_stage_s_liver():
+    """A neighbour organ joined to the liver, liver to the tumor stage but not to the liver stage
+    (as the stomach or spleen beside the left lobe can be), is left out beyond the gate."""
+
+    class LiverBelow150HU(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            liver = (x < 1.0).float()
+            return torch.cat([1 - liver, liver], dim=1) * 10
+
+    ct, truth = sphere_scan("LPS")
+    hu = sitk.GetArrayFromImage(ct)
+    z, y, x = np.indices(hu.shape).astype(float)
+    neighbour = (x * 1.6 >= 115) & (np.abs(y * 1.6 - 72) < 20) & (np.abs(z * 3.0 - 60) < 20) & (truth == 0)
+    hu[neighbour] = 200
+    scan = sitk.GetImageFromArray(hu)
+    scan.CopyInformation(ct)
+    liver_stage = Stage(torch.jit.script(LiverBelow150HU()), STAGES["liver"])
+    labels = sitk.GetArrayFromImage(segment(scan, liver_stage, stages()[1], torch.device("cpu")).labels)
+    beyond_gate = neighbour & (x * 1.6 > 125 + ORGAN_GATE_MM + 4)
+    assert beyond_gate.sum() > 100 and not labels[beyond_gate].any()
+    assert dice(labels > 0, truth > 0) > 0.97
 
 
 def test_working_grid_covers_the_input_extent_at_the_new_spacing():

@@ -19,6 +19,11 @@ Choices and why:
   crop exceeds the network's patch, batched, under autocast on CUDA.
 - Probabilities, not labels, are resampled back to the original voxels, so boundaries are
   smooth at the input's resolution instead of 1.5 mm staircases.
+- Stage 2 may mark liver only near stage 1's liver (within ``ORGAN_GATE_MM``): stage 1 sees the
+  whole abdomen and knows which organ is the liver; stage 2 sees only the box, where the stomach
+  and spleen beside the left lobe can look like liver to it, and a stage-2 "liver" joined to the
+  true one survives the largest-component rule below. Tumors are not gated: stage 2 is the
+  tumor specialist, and a lesion bulging from the surface is where the 4 mm stage 1 stops short.
 - Post-processing: the largest connected liver (with its tumors) is kept, tumors exist only in
   it, and tumor specks under ``MIN_TUMOR_MM3`` are given back to the liver.
 - Tumors the network is unsure of are given back to the liver: a tumor component whose mean
@@ -56,6 +61,10 @@ MIN_TUMOR_MM3 = 20.0
 LIVER_BOX_MARGIN_MM = 12.0
 STAGE1_EXTRA_MARGIN_MM = 8.0
 """The 4 mm liver mask can fall short of the true surface by about a voxel: crop wider."""
+ORGAN_GATE_MM = 12.0
+"""How far from stage 1's liver stage 2 may mark liver: three voxels of stage 1's 4 mm
+grid: a voxel its surface may be off by, partial volume, and room to spare, as the gate is there
+to keep out whole neighbouring organs, not to trim the liver's surface."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,23 +259,39 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return components == np.argmax(sizes)
 
 
-def locate_liver(canonical: sitk.Image, liver: Stage, device, progress) -> tuple[np.ndarray, np.ndarray] | None:
-    """Stage 1: the physical box around the main liver component, or None when there is none."""
+@dataclasses.dataclass(frozen=True)
+class LiverLocation:
+    """What stage 1 tells stage 2: the physical box to segment, and where the liver may be
+    (``reach``: 1 within ``ORGAN_GATE_MM`` of stage 1's main liver component, on its grid)."""
+
+    box: tuple[np.ndarray, np.ndarray]
+    reach: sitk.Image
+
+    def reach_on(self, region: sitk.Image) -> np.ndarray:
+        """``reach`` on the voxels of ``region`` (bool [z, y, x])."""
+        resampled = sitk.Resample(self.reach, region, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        return sitk.GetArrayViewFromImage(resampled) > 0
+
+
+def locate_liver(canonical: sitk.Image, liver: Stage, device, progress) -> LiverLocation | None:
+    """Stage 1: where the main liver component is, or None when there is none."""
     prepared = on_working_grid(canonical, liver.spec)
     probabilities = _predict(liver, prepared, device, progress)
     mask = largest_component(np.argmax(probabilities, axis=0) == LIVER)
     if not mask.any():
         return None
-    return physical_box(mask, prepared.grid, LIVER_BOX_MARGIN_MM + STAGE1_EXTRA_MARGIN_MM)
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.CopyInformation(prepared.grid)
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    reach = sitk.Cast(distance <= ORGAN_GATE_MM, sitk.sitkUInt8)
+    return LiverLocation(physical_box(mask, prepared.grid, LIVER_BOX_MARGIN_MM + STAGE1_EXTRA_MARGIN_MM), reach)
 
 
-def liver_box_probabilities(canonical: sitk.Image, box, tumor: Stage, device,
-                            progress) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Stage 2's class probabilities [C, z, y, x] on the original canonical voxels inside the box."""
-    region, slices = crop_to_box(canonical, box)
+def liver_box_probabilities(region: sitk.Image, tumor: Stage, device, progress) -> np.ndarray:
+    """Stage 2's class probabilities [C, z, y, x] on the voxels of ``region`` (the canonical CT's box)."""
     prepared = on_working_grid(region, tumor.spec)
     probabilities = _predict(tumor, prepared, device, progress)
-    return _resample_probabilities(probabilities, prepared.grid, region), slices
+    return _resample_probabilities(probabilities, prepared.grid, region)
 
 
 def _resample_probabilities(probabilities: np.ndarray, grid: sitk.Image, target: sitk.Image) -> np.ndarray:
@@ -359,10 +384,12 @@ def segment(image: sitk.Image, liver: Stage, tumor: Stage, device: torch.device,
     canonical = to_canonical(image)
     labels = np.zeros(sitk.GetArrayViewFromImage(canonical).shape, np.uint8)
     tumor_probability = np.zeros(labels.shape, np.float32) if keep_tumor_probability else None
-    box = locate_liver(canonical, liver, device, lambda f: progress("liver", f))
-    if box is not None:
-        probabilities, slices = liver_box_probabilities(canonical, box, tumor, device, lambda f: progress("tumor", f))
+    location = locate_liver(canonical, liver, device, lambda f: progress("liver", f))
+    if location is not None:
+        region, slices = crop_to_box(canonical, location.box)
+        probabilities = liver_box_probabilities(region, tumor, device, lambda f: progress("tumor", f))
         box_labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+        box_labels[(box_labels == LIVER) & ~location.reach_on(region)] = BACKGROUND
         drop_unconfident_tumors(box_labels, probabilities[TUMOR], tumor.min_tumor_confidence)
         labels[slices] = box_labels
         if tumor_probability is not None:
