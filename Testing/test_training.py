@@ -296,16 +296,18 @@ def test_two_process_ddp_run_writes_one_checkpoint_with_identical_replicas(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, scores", [("liver", {"liver", "mean"}), ("refine", {"coarse", "refined"})])
-def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_path, stage, scores):
+def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_path):
+    """Every stage draws its cases through the same data sources (``data.raw_sources``); the
+    liver stage, the cheapest, stands for them (the refinement stage would add a DARN run on a
+    full-size validation scan, most of a minute on two cores)."""
     from test_anatomy import made_up_abdomen, write_map
 
     for k in range(10):  # one of each ten maps of a data set is held out
         write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
-    train(tiny_config(stage, tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_small=False,
+    train(tiny_config("liver", tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_small=False,
                       iterations=1, val_every=1))
     checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == scores
+    assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == {"liver", "mean"}
 
 
 def test_a_run_can_start_from_exported_weights_of_the_same_network(tiny_config, tmp_path, models_dir):
