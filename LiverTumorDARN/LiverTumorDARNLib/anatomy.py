@@ -51,7 +51,7 @@ from .labels import LIVER, TUMOR
 from .lesions import draw_lesions, draw_real_lesions, plan_lesions
 from .phantom import (ORIENTATIONS, Body, Canvas, PhantomCase, Tissue, diaphragm_height, draw_bowel, draw_bowel_segment,
                       draw_chest, draw_great_vessels, draw_kidneys, draw_spine, draw_upper_organs, draw_vessel_trees,
-                      finish, intensity_table, paint_body, to_image)
+                      finish, intensity_table, paint_body, smooth_field, to_image)
 
 
 class Organ(enum.IntEnum):
@@ -513,9 +513,7 @@ def _tissue_texture(canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
     are not flat in CT even where noise is low. Zero outside -200..400 HU tissues."""
     coarse_mm = rng.uniform(15, 40)
     shape = tuple(max(2, int(n * s / coarse_mm)) for n, s in zip(canvas.tissue.shape, canvas.spacing))
-    field = rng.normal(0, rng.uniform(0, 8), shape).astype(np.float32)
-    zoom = [n / m for n, m in zip(canvas.tissue.shape, shape)]
-    field = ndimage.zoom(field, zoom, order=1, mode="nearest", grid_mode=True)
+    field = smooth_field(rng.normal(0, rng.uniform(0, 8), shape).astype(np.float32), canvas.tissue.shape)
     soft = ~np.isin(canvas.tissue, (Tissue.AIR, Tissue.LUNG, Tissue.GAS, Tissue.BONE_CORTEX, Tissue.TABLE))
     return np.where(soft, field, np.float32(0))
 

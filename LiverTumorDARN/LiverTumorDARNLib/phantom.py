@@ -685,9 +685,20 @@ def intensity_table(phase: str, randomize: bool, rng) -> np.ndarray:
 
 def _bias_field(shape: tuple[int, ...], rng) -> np.ndarray:
     """A smooth multiplicative field (about +-10 %), as from beam hardening or a poor calibration."""
-    low = rng.normal(0, 0.05, size=(3, 3, 3)).astype(np.float32)
-    zoom = [n / 3 for n in shape]
-    return 1 + ndimage.zoom(low, zoom, order=1, mode="nearest", grid_mode=True)
+    return 1 + smooth_field(rng.normal(0, 0.05, size=(3, 3, 3)).astype(np.float32), shape)
+
+
+def smooth_field(control: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``control`` [z, y, x] spread evenly over a volume of ``shape`` and interpolated linearly
+    between its points, constant beyond the outer ones (what scipy's ``zoom`` with ``grid_mode``
+    gives, from SimpleITK's threaded resampler: several times sooner on a full-size scan)."""
+    sparse = sitk.GetImageFromArray(control.astype(np.float32))
+    step = [n / m for n, m in zip(shape[::-1], control.shape[::-1])]
+    sparse.SetSpacing(step)
+    sparse.SetOrigin([s / 2 - 0.5 for s in step])
+    grid = sitk.Image(list(shape[::-1]), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(sparse, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                sitk.sitkFloat32, True))
 
 
 def finish(hu: np.ndarray, canvas: Canvas, rng, randomize: bool, may_cut_circle: bool) -> np.ndarray:
