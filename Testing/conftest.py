@@ -9,9 +9,9 @@ own thread count) passes its setting on to the next.
 
 Weights. Tiny random weights exported as the real ones are (both DARN stages and the refinement
 network). Random weights make the labels arbitrary but deterministic: the tests that use them check
-files, grids, refusals and messages, never accuracy. Both stages work at 4 mm, on a patch that
+files, grids, refusals and messages, never accuracy. Both stages work at 8 mm, on a patch that
 covers a small phantom's width in one window (:data:`TINY_PATCH`), so that a small phantom is
-segmented in a few network passes, not the hundred and more of the stages' own patches (the
+segmented in one network pass, not the hundred and more of the stages' own patches (the
 sliding window itself is tested in test_pipeline.py).
 """
 
@@ -34,8 +34,10 @@ from LiverTumorDARNLib.training.checkpoints import save_checkpoint  # noqa: E402
 from LiverTumorDARNLib.weights import export_checkpoint  # noqa: E402
 
 TINY = {"encoder_widths": (4, 8, 16), "pyramid_width": 4, "order": "spa_sem", "in_channels": 1}
-TINY_PATCH = (64, 104, 104)
-"""(z, y, x): a small phantom at 4 mm is about 100 x 100 voxels in plane."""
+TINY_SPACING_MM = 8.0
+TINY_PATCH = (32, 56, 56)
+"""(z, y, x): a small phantom (about 400 x 400 x 230 mm) at 8 mm fits one window, which the tiny
+network runs in a fraction of a second on one thread."""
 THREADS = 1
 
 torch.set_num_threads(THREADS)
@@ -53,7 +55,7 @@ def models_dir(tmp_path_factory):
     torch.manual_seed(0)
     for name, classes in (("liver", 2), ("tumor", 3)):
         config = {**TINY, "num_classes": classes}
-        stage = {"name": name, "spacing_mm": (4.0,) * 3, "num_classes": classes, "patch_size": TINY_PATCH}
+        stage = {"name": name, "spacing_mm": (TINY_SPACING_MM,) * 3, "num_classes": classes, "patch_size": TINY_PATCH}
         checkpoint = save_checkpoint({"model": build_model(config).state_dict(), "model_config": config,
                                       "stage": stage}, folder / f"{name}.pt")
         export_checkpoint(checkpoint, folder, note="random weights for tests")

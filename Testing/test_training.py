@@ -304,7 +304,7 @@ def test_training_on_label_maps_validates_on_a_held_out_map(tiny_config, tmp_pat
 
     for k in range(10):  # one of each ten maps of a data set is held out
         write_map(made_up_abdomen(), tmp_path / "maps" / "btcv" / f"label{k:04d}.nii.gz")
-    train(tiny_config("liver", tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_small=False,
+    train(tiny_config("liver", tmp_path / "out", data=None, anatomy=tmp_path / "maps", phantom_fraction=0.0,
                       iterations=1, val_every=1))
     checkpoint = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
     assert checkpoint["iteration"] == 1 and set(checkpoint["val_scores"]) == {"liver", "mean"}
