@@ -1,6 +1,6 @@
 """Accuracy and speed of the bundled weights, against the issue's targets.
 
-    .venv/bin/python benchmarks/segmentation.py [--cases 20] [--device cpu] [--skip-speed]
+    .venv/bin/python benchmarks/segmentation.py [--cases 20] [--device cpu] [--skip-speed | --skip-accuracy]
                                                 [--peer-windows 1] [--record]
 
 1. Accuracy on phantoms drawn from seeds 900000 + k, a range no training run uses, all 512x512
@@ -132,6 +132,19 @@ def speed(device: torch.device, peer_windows: int) -> dict:
     return results
 
 
+def accuracy(cases: int, device: torch.device) -> dict:
+    segmenter = Segmenter(bundled_models_dir(), device)
+    print(f"Phantoms (seeds {BENCHMARK_SEED_START}..{BENCHMARK_SEED_START + cases - 1}, never trained on):")
+    summary = phantom_accuracy(cases, segmenter)
+    print(format_table(summary))
+    results = {"liver_dice": summary["liver_dice"], "dice_per_case": summary["dice_per_case"],
+               "dice_global": summary["dice_global"], "real_liver_dice": real_liver_dice(segmenter)}
+    print("\nTarget check:")
+    for key, value in results.items():
+        print(target_line(key, value, ACCURACY_TARGETS[key], at_least=True))
+    return results
+
+
 def target_line(name: str, value: float, target: float, at_least: bool) -> str:
     met = value >= target if at_least else value <= target
     return f"  {name:22s} {value:8.3f}   target {'>=' if at_least else '<='} {target}   {'met' if met else 'NOT met'}"
@@ -141,23 +154,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-speed", action="store_true")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-speed", action="store_true")
+    skip.add_argument("--skip-accuracy", action="store_true", help="time the speed case only (parts 3 and 4)")
     parser.add_argument("--peer-windows", type=int, default=1,
                         help="nnU-Net windows run for real (default 1); 0 skips the peer")
     parser.add_argument("--record", action="store_true",
                         help="write the results into the bundled weights' manifest.json")
     args = parser.parse_args()
+    if args.record and (args.skip_speed or args.skip_accuracy):
+        parser.error("--record keeps the whole benchmark: run it without --skip-speed or --skip-accuracy")
     device = resolve_device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {device}")
-    segmenter = Segmenter(bundled_models_dir(), device)
-    print(f"Phantoms (seeds {BENCHMARK_SEED_START}..{BENCHMARK_SEED_START + args.cases - 1}, never trained on):")
-    summary = phantom_accuracy(args.cases, segmenter)
-    print(format_table(summary))
-    results = {"liver_dice": summary["liver_dice"], "dice_per_case": summary["dice_per_case"],
-               "dice_global": summary["dice_global"], "real_liver_dice": real_liver_dice(segmenter)}
-    print("\nTarget check:")
-    for key, value in results.items():
-        print(target_line(key, value, ACCURACY_TARGETS[key], at_least=True))
+    results = {} if args.skip_accuracy else accuracy(args.cases, device)
     if not args.skip_speed:
         results.update(speed(device, args.peer_windows))
     print(json.dumps(results))
