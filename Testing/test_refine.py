@@ -20,7 +20,7 @@ from torch import nn
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
-from LiverTumorDARNLib.label_edits import trim_at
+from LiverTumorDARNLib.label_edits import split_between_clicks, trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
@@ -309,6 +309,29 @@ def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
     kept = trim_at(body | leak, (15, 20, 45), (1.0, 1.0, 1.0))
     assert kept[15, 20, 20] and not kept[15, 20, 45]
     assert (kept & body).sum() >= 0.98 * body.sum()
+
+
+def test_a_negative_click_keeps_the_part_of_a_tumor_an_earlier_positive_click_marked():
+    ct, labels = scan([((24, 22, 10), 6.0)])  # one compact tumor: a negative click alone removes it whole
+    earlier = [((19, 22, 10), True)]
+    change = Refiner(Bright(), CPU).click(ct, labels, (29, 22, 10), positive=False, earlier=earlier)
+    assert change.message == "false part removed up to your earlier positive click"
+    assert change.labels[10, 22, 19] == TUMOR and change.labels[10, 22, 29] == LIVER
+
+
+def test_a_click_changes_only_the_voxels_nearer_it_than_an_earlier_opposite_click_in_its_piece():
+    piece = np.ones((1, 1, 10), bool)
+    region = (slice(0, 1), slice(0, 1), slice(100, 110))
+    part = split_between_clicks(piece, region, (0, 0, 101), [(0, 0, 107)], (1.0, 1.0, 1.0))
+    assert part.ravel().tolist() == [True] * 4 + [False] * 6  # x 100..103 are nearer 101 than 107
+
+
+def test_an_earlier_opposite_click_outside_the_piece_leaves_it_whole():
+    piece = np.zeros((1, 1, 10), bool)
+    piece[..., :5] = True
+    region = (slice(0, 1), slice(0, 1), slice(100, 110))
+    part = split_between_clicks(piece, region, (0, 0, 101), [(0, 0, 107), (0, 0, 300)], (1.0, 1.0, 1.0))
+    assert np.array_equal(part, piece)
 
 
 def test_negative_click_far_from_any_tumor_changes_nothing():

@@ -52,7 +52,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from LiverTumorDARNLib import Refiner, Segmenter
+from LiverTumorDARNLib import Refiner, Segmenter, pipeline
 from LiverTumorDARNLib.io import read_ct, read_image
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
@@ -196,9 +196,16 @@ def anatomy_scans(count: int, first_seed: int, maps_folder: Path) -> list[Callab
     return [lambda index=index: draw(index) for index in range(count)]
 
 
+def darn_key(models: Path) -> str:
+    """What DARN's label maps depend on: both stages' weights and the pipeline's code (a cache
+    written before a change of the post-processing must not be read after it)."""
+    files = [models / "darn-liver.pt", models / "darn-tumor.pt", Path(pipeline.__file__)]
+    return "".join(file_sha256(path)[:4] for path in files)
+
+
 def darn_labels(scan: Scan, segmenter: Segmenter, cache: Path | None, weights_key: str) -> np.ndarray:
     """DARN's label map of the scan, read from ``cache`` when an earlier run with the same
-    weights wrote it there."""
+    weights and pipeline (:func:`darn_key`) wrote it there."""
     path = None if cache is None else cache / f"{scan.name.replace('/', '_').replace(' ', '_')}-{weights_key}.npy"
     if path is not None and path.exists():
         return np.load(path)
@@ -355,7 +362,7 @@ def main() -> None:
     print(f"machine: {machine(device)}; {time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.1f}")
     print("command: python -m benchmarks.clicks " + " ".join(sys.argv[1:]))
     segmenter, refiner = Segmenter(args.models, device), Refiner.load(args.models, device)
-    weights_key = file_sha256(Path(args.models) / "darn-tumor.pt")[:12]
+    weights_key = darn_key(Path(args.models))
     sources = ([lambda: real_scan(Path(args.real))] if args.real else []) + phantom_scans(args.phantoms, args.seed_start)
     if args.anatomy:
         sources += anatomy_scans(args.anatomy, args.seed_start, args.anatomy_maps)

@@ -12,11 +12,17 @@ tissue (its smoothed HU split in two classes by Otsu's threshold, their means at
 the click removes the piece of its own kind that it is on.
 Where it holds one kind, shape decides (:func:`trim_at`): a thin offshoot is cut off, a lobe
 joined to others by a neck goes alone, and a compact tumor goes whole.
+
+Clicks are remembered: a click never undoes an earlier click of the other sign. Where what a
+click would remove (or add) holds an earlier positive (or negative) click, it is split between
+the clicks, each voxel going with the nearer one (:func:`split_between_clicks`); without this a
+negative and a positive click on one joined region undo each other, click after click.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import cc3d
 import numpy as np
@@ -25,7 +31,7 @@ from scipy import ndimage
 
 from .labels import LIVER, TUMOR
 from .pipeline import MIN_TUMOR_MM3
-from .regions import Box, bounding_box
+from .regions import Box, bounding_box, local
 
 NEAR_MM = 10.0
 """A click this close to a tumor refers to it; farther away it starts a new lesion."""
@@ -156,6 +162,26 @@ def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarra
     left = cc3d.connected_components(component & ~removed, connectivity=26)
     sizes = np.bincount(left.ravel()) * float(np.prod(spacing_zyx))
     return removed | ((sizes < MIN_TUMOR_MM3)[left] & (left > 0)), what
+
+
+def split_between_clicks(piece: np.ndarray, region: Box, point: tuple[int, int, int],
+                         opposed: Sequence[tuple[int, int, int]], spacing_zyx) -> np.ndarray:
+    """The part of ``piece`` (bool on ``region``) that a click at ``point`` may change, given the
+    earlier clicks of the other sign at ``opposed`` (voxels of the volume): all of it unless it
+    holds one of them; then the voxels nearer (in mm) to ``point`` than to each opposed click
+    that it holds."""
+    inside = [local(p, region) for p in opposed]
+    inside = [p for p in inside if all(0 <= i < n for i, n in zip(p, piece.shape)) and piece[p]]
+    if not inside:
+        return piece
+    grid = np.indices(piece.shape, sparse=True)
+    scale = np.asarray(spacing_zyx, float)
+
+    def squared_mm(p):
+        return sum(((axis - i) * s) ** 2 for axis, i, s in zip(grid, p, scale))
+
+    own = squared_mm(local(point, region))
+    return piece & np.logical_and.reduce([own < squared_mm(p) for p in inside])
 
 
 def nearest_voxel(mask: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> tuple[int, int, int]:

@@ -33,6 +33,9 @@ What a click does is what the person clicking means, and never nothing without s
   the error remains always changes something.
 - A negative click removes the false part under it, not true tumor that happens to be connected
   to it (``label_edits.false_part``): an edit, not a network call, for a network without clicks.
+- A click keeps what earlier clicks of the other sign said (``label_edits.split_between_clicks``):
+  a negative click removes no voxel nearer an earlier positive click in the piece it removes, and
+  a positive click adds none nearer an earlier negative click in what it adds.
 - A click on air or bone, or a positive click farther than ``LIVER_REACH_MM`` from the liver,
   changes nothing and says why.
 """
@@ -48,7 +51,7 @@ import torch
 from scipy import ndimage
 
 from .errors import InputError
-from .label_edits import Change, component_at, false_part, find_tumor_near, paste_tumor
+from .label_edits import Change, component_at, false_part, find_tumor_near, paste_tumor, split_between_clicks
 from .labels import TUMOR
 from .lesion_seeds import lesion_seed, smoothed_hu_on
 from .patches import (CLICK_CHANNELS, IMAGE_CHANNELS, Click, index_bounds, liver_hu, patch_around, patch_inputs,
@@ -189,6 +192,7 @@ class Refiner:
         if not added[local(point, refined_region)]:  # the click's tissue is tumor: the person clicking knows
             added |= seed_there & ~old_there
             message += " as seeded from the click (the network did not confirm it)"
+        added = split_between_clicks(added, refined_region, point, _points(clicks[:-1], positive=False), spacing)
         return paste_tumor(labels, refined_region, np.zeros_like(added), added, message)
 
     def _negative_click(self, ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
@@ -200,7 +204,11 @@ class Refiner:
             return Change(labels, None, "no tumor at the click: nothing to remove")
         component, box = found
         hu = smoothed_hu_on(ct, box)
-        removed, message = false_part(component, local(point, box), hu, _spacing_zyx(ct))
+        spacing = _spacing_zyx(ct)
+        removed, message = false_part(component, local(point, box), hu, spacing)
+        split = split_between_clicks(removed, box, point, _points(clicks[:-1], positive=True), spacing)
+        if not np.array_equal(split, removed):
+            removed, message = split, "false part removed up to your earlier positive click"
         kept = component & ~removed
         if not self.takes_clicks or not kept.any():
             return paste_tumor(labels, box, component, kept, message)
@@ -234,6 +242,10 @@ def _check_point(ct: sitk.Image, point_ijk: Sequence[int]) -> tuple[int, int, in
                          f"0..{size[1] - 1}, 0..{size[2] - 1})")
     i, j, k = (int(p) for p in point_ijk)
     return k, j, i
+
+
+def _points(clicks: Sequence[Click], positive: bool) -> list[tuple[int, int, int]]:
+    return [click.point for click in clicks if click.positive == positive]
 
 
 def _spacing_zyx(ct: sitk.Image) -> tuple[float, float, float]:
