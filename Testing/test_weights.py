@@ -13,6 +13,7 @@ from adversity import release_readers
 from LiverTumorDARNLib import weights
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.models import build_model
+from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.training.checkpoints import save_checkpoint
 from LiverTumorDARNLib.weights import (
     BUNDLED, CUSTOM, INTENDED_USE, bundled_models_dir, chosen_models_dir, describe_models, export_checkpoint,
@@ -232,6 +233,12 @@ def test_a_manifest_entry_without_a_checksum_is_one_line(models_dir, tmp_path):
     folder = tampered(models_dir, tmp_path, lambda entry, folder: entry.pop("sha256"))
     with pytest.raises(InputError, match="the 'tumor' entry needs a \"file\" and its \"sha256\""):
         load_model(folder, "tumor")
+
+
+def test_a_segmentation_entry_without_its_stage_is_one_line(models_dir, tmp_path):
+    folder = tampered(models_dir, tmp_path, lambda entry, folder: entry.pop("stage"))
+    with pytest.raises(InputError, match="the 'tumor' entry has no \"stage\""):
+        load_stages(folder, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"not a zip archive", "not a TorchScript file")],

@@ -413,6 +413,9 @@ def load_stages(models_dir: Path, device: torch.device,
     stages = []
     for name in ("liver", "tumor"):
         module, entry = load_model(models_dir, name, str(device))
+        if not isinstance(entry.get("stage"), dict):
+            raise InputError(f"{Path(models_dir) / 'manifest.json'}: the {name!r} entry has no \"stage\" (its grid "
+                             f"and patch); export the weights again (livertumordarn export)")
         spec = StageSpec(**{key: tuple(value) if isinstance(value, list) else value
                             for key, value in entry["stage"].items()})
         floor = (entry.get("postprocessing") or {}).get("min_tumor_confidence", 0.0)
