@@ -43,6 +43,14 @@ THREADS = 1
 torch.set_num_threads(THREADS)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first (a stable sort: each file's tests stay in their order), so
+    that with one process per core (``./run tests``) the longest runs start at once and the many
+    quick tests fill the processes to the end, instead of one process running the demo alone
+    while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def one_thread_after_each_test():
     yield
