@@ -239,6 +239,8 @@ def test_a_run_stopped_by_an_error_leaves_a_checkpoint_that_resume_goes_on_from(
     monkeypatch.setattr(Trainer, "step", step)
     train(tiny_config("liver", tmp_path, iterations=4, val_every=4, resume=True))
     assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 4
+
+
 def test_an_exported_network_declares_the_input_channels_it_was_trained_with(finished_run, tmp_path):
     stage, out = finished_run
     export_checkpoint(out / "last.pt", tmp_path / "models")

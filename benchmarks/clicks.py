@@ -203,10 +203,10 @@ def darn_key(models: Path) -> str:
     return "".join(file_sha256(path)[:4] for path in files)
 
 
-def darn_labels(scan: Scan, segmenter: Segmenter, cache: Path | None, weights_key: str) -> np.ndarray:
+def darn_labels(scan: Scan, segmenter: Segmenter, cache: Path | None, darn_version: str) -> np.ndarray:
     """DARN's label map of the scan, read from ``cache`` when an earlier run with the same
     weights and pipeline (:func:`darn_key`) wrote it there."""
-    path = None if cache is None else cache / f"{scan.name.replace('/', '_').replace(' ', '_')}-{weights_key}.npy"
+    path = None if cache is None else cache / f"{scan.name.replace('/', '_').replace(' ', '_')}-{darn_version}.npy"
     if path is not None and path.exists():
         return np.load(path)
     labels = sitk.GetArrayFromImage(segmenter.segment(scan.ct).labels)
@@ -245,12 +245,12 @@ def timing(click: Callable) -> dict:
             "clicks": len(click.wall)}
 
 
-def latency(refiner: Refiner, segmenter: Segmenter, clicks: int, cache: Path | None, weights_key: str) -> dict:
+def latency(refiner: Refiner, segmenter: Segmenter, clicks: int, cache: Path | None, darn_version: str) -> dict:
     """Seconds per click of the protocol on a 512x512x200 phantom: the core, and the Slicer
     panel's click session on slicer-core (left out where slicer-core is not installed)."""
     case = generate_case(LATENCY_SEED, size_xyz=LATENCY_SIZE_XYZ)
     scan = Scan(f"phantom {LATENCY_SEED} 512x512x200", "latency", case.image, sitk.GetArrayFromImage(case.labels))
-    start_labels = darn_labels(scan, segmenter, cache, weights_key)
+    start_labels = darn_labels(scan, segmenter, cache, darn_version)
     results = {"load_before": os.getloadavg()[0]}
 
     @timed
@@ -362,7 +362,7 @@ def main() -> None:
     print(f"machine: {machine(device)}; {time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.1f}")
     print("command: python -m benchmarks.clicks " + " ".join(sys.argv[1:]))
     segmenter, refiner = Segmenter(args.models, device), Refiner.load(args.models, device)
-    weights_key = darn_key(Path(args.models))
+    darn_version = darn_key(Path(args.models))
     sources = ([lambda: real_scan(Path(args.real))] if args.real else []) + phantom_scans(args.phantoms, args.seed_start)
     if args.anatomy:
         sources += anatomy_scans(args.anatomy, args.seed_start, args.anatomy_maps)
@@ -371,7 +371,7 @@ def main() -> None:
     by_group: dict[str, list[dict]] = {}
     for source in sources:
         scan = source()
-        labels = darn_labels(scan, segmenter, args.cache, weights_key)
+        labels = darn_labels(scan, segmenter, args.cache, darn_version)
 
         def core_click(labels, ijk, positive, earlier, scan=scan):
             change = refiner.click(scan.ct, labels, ijk, positive, earlier)
@@ -400,7 +400,7 @@ def main() -> None:
                 value = results["cases"][name]["dice"][str(clicks)]
                 print(f"target {name} after {clicks} clicks: {value:.3f} (>= {target}: {'met' if value >= target else 'NOT met'})")
     if args.timed_clicks:
-        results["latency"] = latency(refiner, segmenter, args.timed_clicks, args.cache, weights_key)
+        results["latency"] = latency(refiner, segmenter, args.timed_clicks, args.cache, darn_version)
         limit = LATENCY_TARGET_S[device.type]
         for where in ("core", "slicer"):
             if where in results["latency"]:

@@ -47,7 +47,7 @@ from scipy import ndimage, spatial
 
 from .errors import InputError
 from .io import IMAGE_SUFFIXES, read_image, to_canonical
-from .labels import LIVER, TUMOR
+from .labels import LIVER
 from .lesions import draw_lesions, draw_real_lesions, plan_lesions
 from .phantom import (ORIENTATIONS, Body, Canvas, PhantomCase, Tissue, diaphragm_height, draw_bowel, draw_bowel_segment,
                       draw_chest, draw_great_vessels, draw_kidneys, draw_spine, draw_upper_organs, draw_vessel_trees,
