@@ -13,9 +13,15 @@ of the click's depth inside it, until the click's piece is enclosed: what is thi
 lesion is cut off. Holes (noise below the threshold inside the lesion) are filled first, else the
 click looks shallow. Where there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is
 the seed: from the ball alone the network grows no lesion beyond a few mL (docs/click-to-refine.md).
+
+On a thin-slice scan all this runs on blocks of voxels about ``SEED_GRID_MM`` wide (their mean
+HU), and the piece found is drawn again on the CT's own voxels near it: the 100 mm cube around a
+click holds 2 million voxels at 0.7-0.9 mm, and their distance transforms cost half a second.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import cc3d
 import numpy as np
@@ -23,7 +29,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .patches import crop
-from .regions import Box, ball, bounding_box, touches_edge, voxel_box, widened, widened_mm
+from .regions import Box, ball, bounding_box, inner_faces, on_region, touches_faces, voxel_box, widened, widened_mm
 
 SEED_RADIUS_MM = 4.0
 """The coarse mask of a new lesion where its contrast gives none: a ball around the click."""
@@ -35,21 +41,69 @@ SEED_MIN_CONTRAST_HU = 15.0
 grew noise across the liver and cost up to 0.6 s to cut it back."""
 SEED_OPENING_FRACTIONS = (0.25, 0.5, 0.75)
 """Opening radii tried on a leaking seed, as fractions of the click's depth inside it."""
+SEED_GRID_MM = 1.5
+"""The contrast region is found on blocks of voxels about this size: the seed is a coarse mask for
+the network, and on a 0.7-0.9 mm scan the full grid cost half a second a click."""
 SMOOTHING_CONTEXT_VOXELS = 3
 
 
 def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
                 reference_hu: float) -> tuple[np.ndarray, Box]:
     """The coarse mask (bool, on the returned box) of a new lesion at ``point`` ([z, y, x]): the
-    region of the click's contrast (see the module's docstring), else a ball."""
+    region of the click's contrast (see the module's docstring), else a ball. The region is found
+    on the CT averaged over blocks of about ``SEED_GRID_MM`` (:func:`block_factors`)."""
     spacing = tuple(ct.GetSpacing()[::-1])
     region = widened_mm(voxel_box(point), SEED_REACH_MM, spacing, labels.shape)
-    local = tuple(p - r.start for p, r in zip(point, region))
-    grown = contrast_region(crop(ct, region, pad=0), labels[region] > 0, local, reference_hu)
-    enclosed = None if grown is None else _enclosed_piece(grown, local, region, labels.shape, spacing)
+    factors = block_factors(spacing)
+    coarse_ct = sitk.GetImageFromArray(block_mean(sitk.GetArrayViewFromImage(ct)[region], factors))
+    coarse_ct.SetSpacing([d * f for d, f in zip(spacing[::-1], factors[::-1])])
+    coarse_local = tuple((p - r.start) // f for p, r, f in zip(point, region, factors))
+    coarse_liver = block_mean(labels[region] > 0, factors) >= 0.5
+    grown = contrast_region(coarse_ct, coarse_liver, coarse_local, reference_hu)
+    inner = inner_faces(region, labels.shape)
+    coarse_spacing = tuple(d * f for d, f in zip(spacing, factors))
+    enclosed = None if grown is None else _enclosed_piece(grown, coarse_local, inner, coarse_spacing)
     if enclosed is None:
         return ball(point, SEED_RADIUS_MM, spacing, labels.shape)
-    return enclosed, region
+    return _on_fine_grid(ct, labels, point, reference_hu, enclosed, region, factors)
+
+
+def block_factors(spacing_zyx) -> tuple[int, int, int]:
+    """Per axis, the whole number of voxels that is nearest ``SEED_GRID_MM`` (at least one): a
+    thin-slice scan's seed is found on 8 times fewer voxels, a 1.5 mm scan's on its own."""
+    return tuple(max(1, int(SEED_GRID_MM / d + 0.5)) for d in spacing_zyx)
+
+
+def block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """``array`` averaged over blocks of ``factors`` voxels (float32); the last block of an axis
+    that ``factors`` does not divide repeats the edge voxels. A sum of strided views: four times
+    sooner than a mean over a reshaped array."""
+    padded = np.pad(array.astype(np.float32), [(0, -n % f) for n, f in zip(array.shape, factors)], mode="edge")
+    views = (padded[tuple(slice(o, None, f) for o, f in zip(offset, factors))]
+             for offset in itertools.product(*map(range, factors)))
+    return sum(views) / np.float32(np.prod(factors))
+
+
+def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int], reference_hu: float,
+                  blocks: np.ndarray, region: Box, factors: tuple[int, int, int]) -> tuple[np.ndarray, Box]:
+    """The seed found on blocks (``blocks`` on the block grid of ``region``) drawn again on the
+    CT's own voxels: the click's contrast region of the full-resolution CT within one block of the
+    blocks, on their box. A lesion's edge would otherwise show steps of a block; the blocks alone
+    are the seed where the full resolution finds no contrast at the click."""
+    inner = bounding_box(blocks)
+    box = tuple(slice(r.start + i.start * f, min(r.stop, r.start + i.stop * f)) for r, i, f in zip(region, inner, factors))
+    fine = blocks[inner]
+    for axis, factor in enumerate(factors):
+        fine = np.repeat(fine, factor, axis=axis)
+    fine = fine[tuple(slice(0, b.stop - b.start) for b in box)]
+    if factors == (1, 1, 1):
+        return fine, box
+    around = widened(box, labels.shape, max(factors))
+    near = ndimage.maximum_filter(on_region(fine, box, around), size=[2 * f + 1 for f in factors])
+    click = tuple(p - a.start for p, a in zip(point, around))
+    grown = contrast_region(crop(ct, around, pad=0), labels[around] > 0, click, reference_hu)
+    piece = None if grown is None else component_at_voxel(grown & near, click)
+    return (piece, around) if piece is not None and piece.any() else (fine, box)
 
 
 def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, int],
@@ -83,14 +137,15 @@ def smoothed_hu_on(ct: sitk.Image, region: Box) -> np.ndarray:
     return smoothed_hu(crop(ct, around, pad=0))[tuple(slice(r.start - a.start, r.stop - a.start) for r, a in zip(region, around))]
 
 
-def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], region: Box, shape,
+def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], inner: list[tuple[int, int]],
                     spacing_zyx) -> np.ndarray | None:
-    """The piece of ``mask`` at ``local`` that stays inside ``region``, opening ``mask`` with
+    """The piece of ``mask`` at ``local`` that touches none of the ``inner`` faces of its region
+    (``regions.inner_faces``: those that are not the volume's border), opening ``mask`` with
     growing radii to cut the bridges it leaks through; None where no radius encloses it. The
     opening dilates only the click's part of the eroded mask, in a box within the radius of it,
     which is cheaper than the whole region once the bridges are cut."""
     def enclosed(piece: np.ndarray) -> bool:
-        return piece.any() and not touches_edge(piece, region, shape)
+        return piece.any() and not touches_faces(piece, inner)
 
     piece = component_at_voxel(mask, local)
     if enclosed(piece):

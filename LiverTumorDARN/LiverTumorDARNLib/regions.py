@@ -59,12 +59,19 @@ def on_region(mask: np.ndarray, box: Box, region: Box) -> np.ndarray:
 def touches_edge(mask: np.ndarray, region: Box, shape) -> bool:
     """Whether ``mask`` (given on ``region``) reaches a face of its region that is not the
     volume's own border."""
-    for axis, (r, n) in enumerate(zip(region, shape)):
-        first = np.take(mask, 0, axis=axis).any() and r.start > 0
-        last = np.take(mask, mask.shape[axis] - 1, axis=axis).any() and r.stop < n
-        if first or last:
-            return True
-    return False
+    return touches_faces(mask, inner_faces(region, shape))
+
+
+def inner_faces(region: Box, shape) -> list[tuple[int, int]]:
+    """The faces of ``region`` that lie inside the volume of ``shape``, as (axis, 0 for the first
+    face or -1 for the last): a mask reaching one of them may go on outside the region."""
+    return [(axis, side) for axis, (r, n) in enumerate(zip(region, shape))
+            for side, inside in ((0, r.start > 0), (-1, r.stop < n)) if inside]
+
+
+def touches_faces(mask: np.ndarray, faces: list[tuple[int, int]]) -> bool:
+    """Whether ``mask`` has a voxel on one of ``faces`` (see :func:`inner_faces`)."""
+    return any(np.take(mask, side, axis=axis).any() for axis, side in faces)
 
 
 def ball(point: tuple[int, int, int], radius_mm: float, spacing_zyx, shape) -> tuple[np.ndarray, Box]:
