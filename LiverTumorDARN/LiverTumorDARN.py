@@ -17,7 +17,7 @@ from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
 from LiverTumorDARNLib.weights import BUNDLED, CUSTOM, MODEL_SOURCES
-from LiverTumorDARNSceneLib.tasks import STAGE_NAMES, ModuleTasks, SegmentationOptions
+from LiverTumorDARNSceneLib.tasks import PANEL_POLL_MILLISECONDS, STAGE_NAMES, ModuleTasks, SegmentationOptions
 
 # The Slicer side of LiverTumorDARN. The computation lives in the LiverTumorDARNLib package, the
 # panel's work in LiverTumorDARNSceneLib (tasks: the segmentation job and the click session; scene:
@@ -26,7 +26,6 @@ from LiverTumorDARNSceneLib.tasks import STAGE_NAMES, ModuleTasks, SegmentationO
 # it imports only what Slicer ships, and the light LiverTumorDARNLib.weights.
 
 MODULE_DIR = os.path.dirname(__file__)
-POLL_MILLISECONDS = 100
 SAMPLE_SEED = 850000
 """The sample phantom's seed (LiverTumorDARNLib.phantom.SAMPLE_SEED, which a layout test compares):
 importing the phantom module here would load scipy and SimpleITK at every Slicer start."""
@@ -162,7 +161,7 @@ class LiverTumorDARNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LiverTumorDARNLogic()
         self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MILLISECONDS)
+        self._timer.setInterval(PANEL_POLL_MILLISECONDS)
         self._timer.connect("timeout()", self.onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

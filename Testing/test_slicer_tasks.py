@@ -291,6 +291,61 @@ def test_a_click_while_the_previous_one_runs_is_refused_and_the_first_one_still_
     assert not session.busy
 
 
+class HeldReports:
+    """``scene.measure`` held until the test lets it go: what a click shows before its report."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        self.go, self.measured = threading.Event(), []
+        measure = scene.measure
+
+        def held(ct, labels):
+            self.go.wait(WAIT_SECONDS)
+            self.measured.append(labels)
+            return measure(ct, labels)
+
+        monkeypatch.setattr(scene, "measure", held)
+
+
+def poll_until_written(session) -> tasks.Edit:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (edit := session.poll()) is None:
+        assert time.monotonic() < deadline, "gave up waiting for the click"
+        time.sleep(0.01)
+    return edit
+
+
+def test_a_click_is_written_into_the_segments_before_its_report_is_measured(two_tumors, monkeypatch):
+    _ct, _truth, volume, segmentation = two_tumors
+    held = HeldReports(monkeypatch)
+    table = volume.GetScene().AddNewNodeByClass("vtkMRMLTableNode", "Liver tumors")
+    session = tasks.ClickSession(lambda: Refiner(Bright(), CPU))
+    before = scene.labels_from_segments(segmentation, volume)
+    session.click(volume, segmentation, ras(volume, (36, 36, 14)))
+
+    edit = poll_until_written(session)
+    assert edit.report is None and session.busy and table.GetNumberOfRows() == 0
+    assert not np.array_equal(scene.labels_from_segments(segmentation, volume), before)
+    held.go.set()
+    assert session.wait(table).message == edit.message and table.GetNumberOfRows() == 2
+    assert not session.busy
+
+
+def test_a_click_while_the_previous_report_is_measured_is_taken_and_brings_its_own_report(two_tumors, monkeypatch):
+    _ct, _truth, volume, segmentation = two_tumors
+    held = HeldReports(monkeypatch)
+    session = tasks.ClickSession(lambda: Refiner(Bright(), CPU))
+    session.click(volume, segmentation, ras(volume, (14, 14, 6)))
+    poll_until_written(session)
+
+    assert session.click(volume, segmentation, ras(volume, (36, 36, 14)))
+    held.go.set()
+    report = session.wait().report
+    np.testing.assert_array_equal(held.measured[-1], scene.labels_from_segments(segmentation, volume))
+    assert report == scene.measure_segments(segmentation, volume)
+
+
 def test_a_refused_click_leaves_the_segments_and_the_undo_history_as_they_were(two_tumors):
     _ct, _truth, volume, segmentation = two_tumors
     session = tasks.ClickSession(lambda: Refiner(Bright(), CPU))

@@ -26,8 +26,10 @@ Tuning uses other seeds (``--seed-start 800700 --real ''``: the validation range
 Latency: the same protocol's first ``--timed-clicks`` clicks on a 512x512x200 phantom, in the
 core (``Refiner.click`` on arrays) and through the Slicer panel's click session
 (``tasks.ClickSession`` on slicer-core's MRML classes: segments read into a label map, the click
-on the session's thread, the changed box written back, the report measured), with the median wall
-time, the median CPU time of this process (all its threads) and the load average around them:
+on the session's thread, polled as the panel's timer polls, the changed box written back, then the
+report measured on the session's thread and written): the median wall time until the segments
+show the click and until the report does, the median CPU time of this process (all its
+threads) and the load average around them:
 the development machine's two cores are shared, and CPU time does not depend on the load.
 """
 
@@ -275,7 +277,7 @@ def slicer_latency(refiner: Refiner, scan: Scan, start_labels: np.ndarray, click
     given in world RAS, waited for, its result written into the segments and the report
     measured. The next click is chosen from the segments read back (not timed)."""
     from LiverTumorDARNSceneLib import scene
-    from LiverTumorDARNSceneLib.tasks import ClickSession
+    from LiverTumorDARNSceneLib.tasks import PANEL_POLL_MILLISECONDS, ClickSession
 
     scene.register_segmentation_converters()
     mrml = scene.slicer.vtkMRMLScene()
@@ -286,9 +288,15 @@ def slicer_latency(refiner: Refiner, scan: Scan, start_labels: np.ndarray, click
     ijk_to_ras = scene.world_ijk_to_ras(volume)
     session = ClickSession(lambda: refiner)
 
+    written = []  # per click, seconds until its segments are written (the report follows)
+
     @timed
     def panel_edit(ijk, positive):
+        start = time.perf_counter()
         session.click(volume, segmentation, (ijk_to_ras @ [*ijk, 1.0])[:3], positive)
+        while session.poll() is None:  # as the panel's timer polls
+            time.sleep(PANEL_POLL_MILLISECONDS / 1000)
+        written.append(time.perf_counter() - start)
         return session.wait()
 
     def panel_click(labels, ijk, positive, earlier):
@@ -298,9 +306,9 @@ def slicer_latency(refiner: Refiner, scan: Scan, start_labels: np.ndarray, click
     first = next_click(start_labels, scan.truth, tuple(scan.ct.GetSpacing()[::-1]))
     panel_edit(first[0][::-1], first[1])  # loads nothing (the refiner is given) but warms the thread
     session.undo(volume, segmentation)
-    panel_edit.wall.clear(), panel_edit.cpu.clear()
+    panel_edit.wall.clear(), panel_edit.cpu.clear(), written.clear()
     click_through(scan, scene.labels_from_segments(segmentation, volume), clicks, panel_click)
-    return timing(panel_edit)
+    return {**timing(panel_edit), "median_seconds_to_segments": statistics.median(written)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +416,9 @@ def main() -> None:
                 print(f"seconds per click on 512x512x200, {where}: median {measured['median_seconds']:.3f} wall, "
                       f"{measured['median_cpu_seconds']:.3f} CPU ({measured['clicks']} clicks; target <= {limit} wall "
                       f"through the Slicer scene)")
+        if "slicer" in results["latency"]:
+            print(f"seconds per click through the Slicer scene until the segments show it: median "
+                  f"{results['latency']['slicer']['median_seconds_to_segments']:.3f} (the report follows)")
         print(f"load average (1 min) before and after the timing: {results['latency']['load_before']:.1f}, "
               f"{results['latency']['load_after']:.1f}")
     if args.json:

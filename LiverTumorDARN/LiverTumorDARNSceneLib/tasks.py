@@ -40,6 +40,9 @@ MODULE_DIR = Path(__file__).resolve().parents[1]
 
 WORKER_MODULE = "LiverTumorDARNSceneLib.worker"
 POLL_SECONDS = 0.1
+PANEL_POLL_MILLISECONDS = 20
+"""How often the panel's timer writes what finished: a click's result waits for the next tick, so
+the tick is short (a tick with nothing finished costs microseconds)."""
 STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
 """What the panel calls each stage the worker reports."""
 
@@ -310,10 +313,11 @@ class SegmentationJob:
 
 @dataclasses.dataclass(frozen=True)
 class Edit:
-    """A refinement written into the segments: what it did, in words, and the report after it."""
+    """A refinement written into the segments: what it did, in words, and the report after it
+    (None while it is measured: ``ClickSession.poll`` writes the segments first)."""
 
     message: str
-    report: CaseReport
+    report: CaseReport | None
 
 
 class ClickSession:
@@ -323,7 +327,9 @@ class ClickSession:
     (``load_refiner`` runs there on the first edit) and its caches stay warm between clicks. The
     CT and the labels are read from the scene when an edit is asked for (kept from the last edit
     while the scene's volume and segments are as that edit left them), the result is written by
-    :meth:`poll`, both on the calling thread. Each written edit can be taken back with
+    :meth:`poll`, both on the calling thread. The report is measured on the session's thread
+    after the segments are written: measuring every tumor of a thin-slice scan takes longer than
+    the click (0.4 s on two cores), and the reader looks at the segments first. Each written edit can be taken back with
     :meth:`undo`: the session keeps its own history of the segments (Slicer's
     vtkSegmentationHistory), and never touches the Segment Editor's.
     """
@@ -333,14 +339,15 @@ class ClickSession:
         self._refiner: Refiner | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="LiverTumorDARN-clicks")
         self._pending = None
+        self._measuring = None  # the last written edit's report being measured: (future, the edit's message)
         self._histories: dict = {}
         self._edits: dict = {}  # per segmentation, what made each state of its history: a click ((i, j, k), positive) or None
         self._read: dict = {}  # ("ct", volume) or ("labels", segmentation): (the scene's state when read, what was read)
 
     @property
     def busy(self) -> bool:
-        """An edit is running; the next one waits for :meth:`poll` to write this one."""
-        return self._pending is not None
+        """An edit is running, or its report is measured; the panel keeps polling."""
+        return self._pending is not None or self._measuring is not None
 
     def click(self, volume_node, segmentation_node, point_ras, positive: bool = True) -> bool:
         """Start a click at a world RAS point (see ``Refiner.click``, which is given the earlier
@@ -358,11 +365,30 @@ class ClickSession:
         return self._start(volume_node, segmentation_node, lambda refiner, ct, labels: refiner.refine_all(ct, labels))
 
     def poll(self, table_node=None) -> Edit | None:
-        """The finished edit written into its segments (only the changed box), the state before
-        it kept for undo, and the results table updated; None while it runs or when none was
-        started. Raises the edit's error, leaving the segments as they were."""
-        if self._pending is None or not self._pending[0].done():
-            return None
+        """What finished since the last poll, written. A finished edit: written into its
+        segments (only the changed box), the state before it kept for undo, its report started on
+        the session's thread, and returned with no report. A finished report: written into the
+        results table and returned with its edit's message. None while nothing finished or when
+        nothing was started. Raises the edit's error, leaving the segments as they were."""
+        if self._pending is not None and self._pending[0].done():
+            return self._write_edit()
+        if self._measuring is not None and self._measuring[0].done():
+            future, message = self._measuring
+            self._measuring = None
+            return self._edit(message, future.result(), table_node)
+        return None
+
+    def wait(self, table_node=None) -> Edit | None:
+        """Wait for the running edit and its report and write both (see :meth:`poll`): the edit
+        with its report, or None when none was started."""
+        edit = None
+        for running in ("_pending", "_measuring"):
+            if getattr(self, running) is not None:
+                concurrent.futures.wait([getattr(self, running)[0]])
+                edit = self.poll(table_node)
+        return edit
+
+    def _write_edit(self) -> Edit:
         future, volume_node, segmentation_node, ct, made_by = self._pending
         self._pending = None
         change: Change = future.result()
@@ -373,19 +399,15 @@ class ClickSession:
             scene.apply_change(segmentation_node, volume_node, change.labels, change.box)
             self._edits.setdefault(self._key(segmentation_node), []).append(made_by)
             self._read[("labels", segmentation_node)] = (scene.segments_state(segmentation_node, volume_node), change.labels)
-        return self._edit(change.message, scene.measure(ct, change.labels), table_node)
-
-    def wait(self, table_node=None) -> Edit | None:
-        """Wait for the running edit and write it (see :meth:`poll`)."""
-        if self._pending is not None:
-            concurrent.futures.wait([self._pending[0]])
-        return self.poll(table_node)
+        self._measuring = (self._thread.submit(scene.measure, ct, change.labels), change.message)
+        return Edit(change.message, None)
 
     def undo(self, volume_node, segmentation_node, table_node=None) -> Edit | None:
         """Take back the last edit of ``segmentation_node`` (several in turn, up to the history's
         length); None when there is nothing to take back."""
         from . import scene
 
+        self._stop_measuring()
         history = self._histories.get(self._key(segmentation_node))
         if history is None or not history.IsRestorePreviousStateAvailable() or not history.RestorePreviousState():
             return None
@@ -397,11 +419,13 @@ class ClickSession:
     def close(self) -> None:
         """Let the refinement thread end once its edit is done (the scene is not touched again)."""
         self._pending = None
+        self._stop_measuring()
         self._thread.shutdown(wait=False)
 
     def _start(self, volume_node, segmentation_node, edit: Callable, made_by: tuple | None = None) -> bool:
-        if self.busy:
+        if self._pending is not None:
             return False
+        self._stop_measuring()  # the new edit brings its own report
         from LiverTumorDARNLib.errors import InputError
 
         from . import scene
@@ -415,6 +439,12 @@ class ClickSession:
         future = self._thread.submit(lambda: edit(self._refiner_on_thread(), ct, labels))
         self._pending = (future, volume_node, segmentation_node, ct, made_by)
         return True
+
+    def _stop_measuring(self) -> None:
+        """Forget the report being measured (a later edit or an undo makes it stale)."""
+        if self._measuring is not None:
+            self._measuring[0].cancel()
+            self._measuring = None
 
     def _refiner_on_thread(self) -> Refiner:
         if self._refiner is None:
@@ -563,7 +593,7 @@ class ModuleTasks:
         return session.wait(table_node)
 
     def poll_clicks(self, table_node=None) -> Edit | None:
-        """The click session's finished edit, written (see ``ClickSession.poll``)."""
+        """The click session's finished edit or report, written (see ``ClickSession.poll``)."""
         return self._clicks.poll(table_node) if self._clicks else None
 
     @property
