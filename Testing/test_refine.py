@@ -22,7 +22,7 @@ from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
 from LiverTumorDARNLib.label_edits import split_between_clicks, trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
-from LiverTumorDARNLib.lesion_seeds import SEED_RADIUS_MM, lesion_seed
+from LiverTumorDARNLib.lesion_seeds import LOCAL_SEED_MM, SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
 from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, liver_hu,
                                        patch_around, patch_inputs)
@@ -259,6 +259,18 @@ def test_a_new_lesion_seed_has_no_holes():
     hu = np.where(core, LIVER_HU, sitk.GetArrayFromImage(ct))
     seed, box = lesion_seed(with_hu(ct, hu), missed, (10, 22, 24 + 7), LIVER_HU)  # on the ring, 5.6 mm out
     assert on_whole_volume(seed, box, labels)[core].all()
+
+
+def test_a_click_whose_contrast_reaches_everywhere_seeds_the_part_of_it_near_the_click():
+    ct, labels = scan([], spacing=(1.0, 1.0, 1.0), size=(160, 160, 60))
+    k, j, i = np.indices(labels.shape)
+    band = (i >= 60) & (i < 100) & (labels > 0)  # hypodense across the liver: no opening encloses it
+    seed, box = lesion_seed(with_hu(ct, np.where(band, LIVER_HU - 60, sitk.GetArrayFromImage(ct))), labels,
+                            (30, 80, 80), LIVER_HU)
+    seeded = on_whole_volume(seed, box, labels)
+    distance_mm = np.sqrt((k - 30) ** 2 + (j - 80) ** 2 + (i - 80) ** 2)
+    assert band[seeded].all()
+    assert seeded[band & (distance_mm <= LOCAL_SEED_MM - 5)].all() and (distance_mm[seeded] <= LOCAL_SEED_MM + 5).all()  # 2 mm blocks
 
 
 def test_a_click_without_contrast_seeds_a_ball():

@@ -22,6 +22,7 @@ click holds 2 million voxels at 0.7-0.9 mm, and their distance transforms cost h
 from __future__ import annotations
 
 import itertools
+import math
 
 import cc3d
 import numpy as np
@@ -36,6 +37,12 @@ SEED_RADIUS_MM = 4.0
 SEED_REACH_MM = 50.0
 """A new lesion's seed grows at most this far from the click; reaching it counts as a leak."""
 SEED_SMOOTHING_MM = 1.0
+LESION_SAMPLE_MM = 3.0
+"""A click's HU is the median within this distance: a heterogeneous lesion (a necrotic core, a
+brighter rim) is then drawn whole, not only its part as dark as the clicked spot."""
+LOCAL_SEED_MM = 10.0
+"""Where no opening encloses the contrast region (a liver full of lesions, a faint one in noisy
+parenchyma), the seed is its part within this distance of the click."""
 SEED_MIN_CONTRAST_HU = 15.0
 """A click nearer the liver's HU than this seeds the ball: at 10 HU, clicks on plain parenchyma
 grew noise across the liver and cost up to 0.6 s to cut it back."""
@@ -63,6 +70,8 @@ def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
     inner = inner_faces(region, labels.shape)
     coarse_spacing = tuple(d * f for d, f in zip(spacing, factors))
     enclosed = None if grown is None else _enclosed_piece(grown, coarse_local, inner, coarse_spacing)
+    if enclosed is None and grown is not None:
+        enclosed = _piece_near(grown, coarse_local, coarse_spacing)
     if enclosed is None:
         return ball(point, SEED_RADIUS_MM, spacing, labels.shape)
     return _on_fine_grid(ct, labels, point, reference_hu, enclosed, region, factors)
@@ -87,8 +96,8 @@ def block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
 def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int], reference_hu: float,
                   blocks: np.ndarray, region: Box, factors: tuple[int, int, int]) -> tuple[np.ndarray, Box]:
     """The seed found on blocks (``blocks`` on the block grid of ``region``) drawn again on the
-    CT's own voxels: the click's contrast region of the full-resolution CT within one block of the
-    blocks, on their box. A lesion's edge would otherwise show steps of a block; the blocks alone
+    CT's own voxels: the click's contrast region of the full-resolution CT within half a block of
+    the blocks (where a block's mean crosses the threshold, the edge runs through it), on their box. A lesion's edge would otherwise show steps of a block; the blocks alone
     are the seed where the full resolution finds no contrast at the click."""
     inner = bounding_box(blocks)
     box = tuple(slice(r.start + i.start * f, min(r.stop, r.start + i.stop * f)) for r, i, f in zip(region, inner, factors))
@@ -99,7 +108,7 @@ def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int
     if factors == (1, 1, 1):
         return fine, box
     around = widened(box, labels.shape, max(factors))
-    near = ndimage.maximum_filter(on_region(fine, box, around), size=[2 * f + 1 for f in factors])
+    near = ndimage.maximum_filter(on_region(fine, box, around), size=[2 * math.ceil(f / 2) + 1 for f in factors])
     click = tuple(p - a.start for p, a in zip(point, around))
     grown = contrast_region(crop(ct, around, pad=0), labels[around] > 0, click, reference_hu)
     piece = None if grown is None else component_at_voxel(grown & near, click)
@@ -108,11 +117,13 @@ def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int
 
 def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, int],
                     reference_hu: float) -> np.ndarray | None:
-    """Liver voxels nearer the click's smoothed HU than ``reference_hu``, holes filled, and for a
-    click outside ``liver`` the voxels outside it in the band as near the click's HU; None
-    without contrast."""
+    """Liver voxels nearer the click's HU than ``reference_hu``, holes filled, and for a click
+    outside ``liver`` the voxels outside it in the band as near the click's HU; None without
+    contrast. The click's HU is the median of the smoothed CT within ``LESION_SAMPLE_MM``: a
+    lesion's, not that of the darkest or brightest spot the click may fall on."""
     hu = smoothed_hu(ct)
-    clicked = float(hu[local])
+    near, box = ball(local, LESION_SAMPLE_MM, ct.GetSpacing()[::-1], hu.shape)
+    clicked = float(np.median(hu[box][near]))
     if abs(clicked - reference_hu) < SEED_MIN_CONTRAST_HU:
         return None
     half_way = (clicked + reference_hu) / 2
@@ -161,6 +172,16 @@ def _enclosed_piece(mask: np.ndarray, local: tuple[int, int, int], inner: list[t
         if enclosed(piece):
             return piece
     return None
+
+
+def _piece_near(mask: np.ndarray, local: tuple[int, int, int], spacing_zyx) -> np.ndarray | None:
+    """The piece of ``mask`` within ``LOCAL_SEED_MM`` of the click, connected to it; None when
+    that is no more than the click's voxel."""
+    near, box = ball(local, LOCAL_SEED_MM, spacing_zyx, mask.shape)
+    within = np.zeros_like(mask)
+    within[box] = near & mask[box]
+    piece = component_at_voxel(within, local)
+    return piece if piece.sum() > 1 else None
 
 
 def component_at_voxel(mask: np.ndarray, voxel: tuple[int, int, int]) -> np.ndarray:
