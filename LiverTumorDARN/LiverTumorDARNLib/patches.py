@@ -143,10 +143,9 @@ def patch_inputs(ct: sitk.Image, mask: np.ndarray, patch: Patch, reference_hu: f
 
     ``mask`` is the coarse tumor on ``patch.region`` of the volume.
     """
-    region_ct = crop(ct, patch.region, pad=1)
-    image = sitk.Resample(sitk.Cast(region_ct, sitk.sitkFloat32), patch.grid, sitk.Transform(),
-                          sitk.sitkLinear, AIR_VALUE, sitk.sitkFloat32)
-    coarse = sitk.Resample(_as_image(mask.astype(np.float32), crop(ct, patch.region, pad=0)), patch.grid,
+    image = sitk.Resample(crop(ct, patch.region, pad=1), patch.grid, sitk.Transform(), sitk.sitkLinear, AIR_VALUE,
+                          sitk.sitkFloat32)
+    coarse = sitk.Resample(_as_image(mask.astype(np.float32), region_grid(ct, patch.region)), patch.grid,
                            sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     channels = [relative_hu(sitk.GetArrayFromImage(image), reference_hu), sitk.GetArrayFromImage(coarse)]
     if clicks is not None:
@@ -171,8 +170,18 @@ def click_maps(ct: sitk.Image, patch: Patch, clicks: Sequence[Click]) -> np.ndar
 def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
     """Values on the patch grid interpolated onto the volume's voxels of ``patch.region``."""
     return sitk.GetArrayFromImage(sitk.Resample(_as_image(values.astype(np.float32), patch.grid),
-                                                crop(ct, patch.region, pad=0), sitk.Transform(),
+                                                region_grid(ct, patch.region), sitk.Transform(),
                                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def region_grid(ct: sitk.Image, region: Box) -> sitk.Image:
+    """An empty image on the voxels of ``region`` of the CT: the grid a resampling writes to, at
+    one byte a voxel and without copying the CT's."""
+    grid = sitk.Image([r.stop - r.start for r in region[::-1]], sitk.sitkUInt8)
+    grid.SetOrigin(ct.TransformIndexToPhysicalPoint([r.start for r in region[::-1]]))
+    grid.SetSpacing(ct.GetSpacing())
+    grid.SetDirection(ct.GetDirection())
+    return grid
 
 
 def labels_to_patch(labels: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:

@@ -57,7 +57,7 @@ from .lesion_seeds import lesion_seed, smoothed_hu_on
 from .patches import (CLICK_CHANNELS, IMAGE_CHANNELS, Click, index_bounds, liver_hu, patch_around, patch_inputs,
                       patch_to_region)
 from .pipeline import MIN_TUMOR_MM3
-from .regions import Box, bounding_box, local, on_region, touches_edge, union, voxel_box, widened_mm
+from .regions import Box, bounding_box, local, on_region, touches_edge, union, voxel_box, widened, widened_mm
 
 __all__ = ["Change", "Refiner"]
 
@@ -67,7 +67,7 @@ LIVER_REACH_MM = 15.0
 BEYOND_SEED_MM = 3.0
 """Outside the liver, a lesion may grow this far beyond the seed of its click."""
 AIR_HU, BONE_HU = -400.0, 350.0
-"""Clicks on voxels whose smoothed HU lies outside these bounds are on air or lung, or on bone."""
+"""Clicks whose 3x3x3 voxels' mean HU lies outside these bounds are on air or lung, or on bone."""
 NOTHING_TO_REFINE = ("tumor refined (no change): the network keeps this boundary; click on tissue the tumor "
                      "misses to grow it, or make a negative click on a part that is not tumor")
 
@@ -281,7 +281,7 @@ def _refusal(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int]) ->
     """Why a click on ``point`` can mean nothing (on air or bone, not on tumor); None when it can."""
     if labels[point] == TUMOR:
         return None  # a click on the segmentation is about the segmentation, whatever lies under it
-    hu = float(smoothed_hu_on(ct, voxel_box(point))[0, 0, 0])
+    hu = float(sitk.GetArrayViewFromImage(ct)[widened(voxel_box(point), labels.shape, 1)].mean())  # its 3x3x3 neighbourhood
     if hu < AIR_HU:
         return f"the click is on air or lung ({hu:.0f} HU): nothing changed"
     if hu > BONE_HU:

@@ -40,7 +40,7 @@ MODULE_DIR = Path(__file__).resolve().parents[1]
 
 WORKER_MODULE = "LiverTumorDARNSceneLib.worker"
 POLL_SECONDS = 0.1
-PANEL_POLL_MILLISECONDS = 20
+PANEL_POLL_MILLISECONDS = 10
 """How often the panel's timer writes what finished: a click's result waits for the next tick, so
 the tick is short (a tick with nothing finished costs microseconds)."""
 STAGE_NAMES = {"liver": "Finding the liver", "tumor": "Segmenting tumors", "done": "Writing the segments"}
