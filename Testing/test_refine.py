@@ -24,8 +24,8 @@ from LiverTumorDARNLib.label_edits import split_between_clicks, trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.lesion_seeds import LOCAL_SEED_MM, SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
-from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, liver_hu,
-                                       patch_around, patch_inputs)
+from LiverTumorDARNLib.patches import (MIN_SPACING_MM, PATCH_SIZE, RELATIVE_HU_SCALE, Click, click_maps, index_bounds,
+                                       liver_hu, patch_around, patch_inputs, patch_to_region)
 from LiverTumorDARNLib.pipeline import load_stages
 from LiverTumorDARNLib.refine import LIVER_REACH_MM, Refiner
 from LiverTumorDARNLib.regions import ball, on_region
@@ -195,6 +195,19 @@ def test_click_on_a_lesion_the_maps_liver_left_out_adds_it_into_the_liver():
     change = Refiner(Bright(), CPU).click(ct, left_out, (24, 22, 10))
     assert change.message == "lesion added"
     assert dice(change.labels == TUMOR, labels == TUMOR) > 0.9
+
+
+@pytest.mark.parametrize("direction", ["identity", "flipped"])
+def test_the_refined_mask_is_the_vote_over_the_whole_patch_region_though_interpolated_on_a_box(direction):
+    ct, labels = scan([((24, 22, 10), 5.0)], direction=FLIPS[direction])
+    refiner = Refiner(Bright(), CPU)
+    tumor = labels == TUMOR
+    patch = patch_around(ct, *index_bounds(tumor, tuple(slice(0, n) for n in tumor.shape)))
+    coarse = tumor[patch.region]
+    correction = np.random.default_rng(0).normal(0.0, 2.0 * refiner.mask_prior, (PATCH_SIZE,) * 3).astype(np.float32)
+    correction[:, :, PATCH_SIZE // 2:] = -10.0  # no sample above the prior on one side: a box smaller than the region
+    whole = patch_to_region(correction, ct, patch) + refiner.mask_vote(coarse) > 0
+    np.testing.assert_array_equal(refiner._vote(correction, coarse, ct, patch), whole)
 
 
 def test_a_click_the_network_does_not_confirm_still_makes_the_clicked_tissue_tumor():

@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .labels import LIVER
 from .pipeline import AIR_VALUE
@@ -89,10 +90,11 @@ def patch_around(image: sitk.Image, low_xyz: Sequence[float], high_xyz: Sequence
     return Patch(grid, _covered_voxels(image, grid))
 
 
-def _covered_voxels(image: sitk.Image, grid: sitk.Image) -> Box:
-    """Voxels of ``image`` whose centres lie inside the cube of ``grid``'s sample centres."""
-    last = float(PATCH_SIZE - 1)
-    corners = [grid.TransformContinuousIndexToPhysicalPoint([last * c for c in corner]) for corner in np.ndindex(2, 2, 2)]
+def _covered_voxels(image: sitk.Image, grid: sitk.Image, low_xyz=(0, 0, 0), high_xyz=(PATCH_SIZE - 1,) * 3) -> Box:
+    """Voxels of ``image`` whose centres lie inside the box of ``grid``'s sample centres from
+    ``low_xyz`` to ``high_xyz`` (sample indices; default the whole cube)."""
+    corners = [grid.TransformContinuousIndexToPhysicalPoint([float((low, high)[c]) for c, low, high in zip(corner, low_xyz, high_xyz)])
+               for corner in np.ndindex(2, 2, 2)]
     indices = np.array([image.TransformPhysicalPointToContinuousIndex(corner) for corner in corners])
     start = np.maximum(0, np.ceil(indices.min(0) - 1e-6)).astype(int)
     stop = np.minimum(image.GetSize(), np.floor(indices.max(0) + 1e-6).astype(int) + 1)
@@ -167,11 +169,27 @@ def click_maps(ct: sitk.Image, patch: Patch, clicks: Sequence[Click]) -> np.ndar
     return maps
 
 
-def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch) -> np.ndarray:
-    """Values on the patch grid interpolated onto the volume's voxels of ``patch.region``."""
+def patch_to_region(values: np.ndarray, ct: sitk.Image, patch: Patch, box: Box | None = None) -> np.ndarray:
+    """Values on the patch grid interpolated onto the volume's voxels of ``patch.region``, or of
+    ``box`` within it (given relative to the region)."""
+    region = patch.region if box is None else tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(patch.region, box))
     return sitk.GetArrayFromImage(sitk.Resample(_as_image(values.astype(np.float32), patch.grid),
-                                                region_grid(ct, patch.region), sitk.Transform(),
+                                                region_grid(ct, region), sitk.Transform(),
                                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def voxels_above(values: np.ndarray, threshold: float, ct: sitk.Image, patch: Patch) -> Box | None:
+    """The box of ``patch.region`` (relative to it) outside which ``values`` on the patch grid,
+    interpolated onto the volume's voxels, stay at or below ``threshold``: the cells around the
+    samples above it (a linear interpolation never exceeds its eight samples). None where no
+    sample is above it."""
+    above = ndimage.binary_dilation(values > threshold, np.ones((3, 3, 3), bool))
+    if not above.any():
+        return None
+    samples = bounding_box(above)
+    covered = _covered_voxels(ct, patch.grid, [s.start for s in samples[::-1]], [s.stop - 1 for s in samples[::-1]])
+    return tuple(slice(max(c.start, r.start) - r.start, max(min(c.stop, r.stop), max(c.start, r.start)) - r.start)
+                 for c, r in zip(covered, patch.region))
 
 
 def region_grid(ct: sitk.Image, region: Box) -> sitk.Image:

@@ -55,7 +55,7 @@ from .label_edits import Change, component_at, false_part, find_tumor_near, past
 from .labels import TUMOR
 from .lesion_seeds import lesion_seed, smoothed_hu_on
 from .patches import (CLICK_CHANNELS, IMAGE_CHANNELS, Click, index_bounds, liver_hu, patch_around, patch_inputs,
-                      patch_to_region)
+                      patch_to_region, voxels_above)
 from .pipeline import MIN_TUMOR_MM3
 from .regions import Box, bounding_box, local, on_region, touches_edge, union, voxel_box, widened, widened_mm
 
@@ -125,7 +125,7 @@ class Refiner:
             patch = patch_around(ct, *index_bounds(mask, box, focus))
             coarse_here = on_region(mask, box, patch.region)
             inputs = patch_inputs(ct, coarse_here, patch, reference_hu, clicks if self.takes_clicks else None)
-            refined = patch_to_region(self.correction(inputs), ct, patch) + self.mask_vote(coarse_here) > 0
+            refined = self._vote(self.correction(inputs), coarse_here, ct, patch)
             allowed = labels[patch.region] > 0
             if beyond_liver is not None:
                 allowed |= on_region(*beyond_liver, patch.region)
@@ -134,6 +134,20 @@ class Refiner:
                 return refined, patch.region
             mask, box = refined, patch.region
         return refined, patch.region
+
+    def _vote(self, correction: np.ndarray, coarse: np.ndarray, ct: sitk.Image, patch) -> np.ndarray:
+        """The refined tumor on ``patch.region``: the network's ``correction`` interpolated onto
+        the volume's voxels plus the coarse mask's vote, above zero. Outside the coarse mask a
+        voxel needs a correction above ``mask_prior``, so the interpolation runs only on the box
+        of the coarse mask and of the patch samples above it, not on the whole region (three
+        times the tumor's size across)."""
+        boxes = [box for box in (bounding_box(coarse), voxels_above(correction, self.mask_prior, ct, patch))
+                 if box is not None and all(b.stop > b.start for b in box)]
+        refined = np.zeros(coarse.shape, bool)
+        if boxes:
+            box = union(boxes)
+            refined[box] = patch_to_region(correction, ct, patch, box) + self.mask_vote(coarse[box]) > 0
+        return refined
 
     def refine_tumor(self, ct: sitk.Image, labels: np.ndarray, component: np.ndarray, box: Box,
                      reference_hu: float | None = None, clicks: Sequence[Click] = ()) -> Change:
