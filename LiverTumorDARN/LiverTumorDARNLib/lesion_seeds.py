@@ -11,8 +11,10 @@ threshold would take all the fat and air around a hypodense lesion). Where that 
 liver's partial-volume rim) it is opened with growing radii, fractions (``SEED_OPENING_FRACTIONS``)
 of the click's depth inside it, until the click's piece is enclosed: what is thinner than the
 lesion is cut off. Holes (noise below the threshold inside the lesion) are filled first, else the
-click looks shallow. Where there is no contrast or no enclosed piece, a ``SEED_RADIUS_MM`` ball is
-the seed: from the ball alone the network grows no lesion beyond a few mL (docs/click-to-refine.md).
+click looks shallow. Where no radius encloses it, the seed is its part within ``LOCAL_SEED_MM`` of
+the click. Where there is no contrast, a ``SEED_RADIUS_MM`` ball is the seed: from the ball alone
+the network grows no lesion beyond a few mL (docs/click-to-refine.md). The click's HU is the
+median around it (``LESION_SAMPLE_MM``).
 
 On a thin-slice scan all this runs on blocks of voxels about ``SEED_GRID_MM`` wide (their mean
 HU), and the piece found is drawn again on the CT's own voxels near it: the 100 mm cube around a
@@ -97,8 +99,9 @@ def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int
                   blocks: np.ndarray, region: Box, factors: tuple[int, int, int]) -> tuple[np.ndarray, Box]:
     """The seed found on blocks (``blocks`` on the block grid of ``region``) drawn again on the
     CT's own voxels: the click's contrast region of the full-resolution CT within half a block of
-    the blocks (where a block's mean crosses the threshold, the edge runs through it), on their box. A lesion's edge would otherwise show steps of a block; the blocks alone
-    are the seed where the full resolution finds no contrast at the click."""
+    the blocks (where a block's mean crosses the threshold, the edge runs through it), on their
+    box. A lesion's edge would otherwise show steps of a block; the blocks alone are the seed
+    where the full resolution finds no contrast at the click."""
     inner = bounding_box(blocks)
     box = tuple(slice(r.start + i.start * f, min(r.stop, r.start + i.stop * f)) for r, i, f in zip(region, inner, factors))
     fine = blocks[inner]

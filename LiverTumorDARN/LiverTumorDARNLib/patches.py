@@ -188,8 +188,9 @@ def voxels_above(values: np.ndarray, threshold: float, ct: sitk.Image, patch: Pa
         return None
     samples = bounding_box(above)
     covered = _covered_voxels(ct, patch.grid, [s.start for s in samples[::-1]], [s.stop - 1 for s in samples[::-1]])
-    return tuple(slice(max(c.start, r.start) - r.start, max(min(c.stop, r.stop), max(c.start, r.start)) - r.start)
-                 for c, r in zip(covered, patch.region))
+    starts = [max(c.start, r.start) for c, r in zip(covered, patch.region)]
+    return tuple(slice(start - r.start, max(start, min(c.stop, r.stop)) - r.start)
+                 for start, c, r in zip(starts, covered, patch.region))
 
 
 def region_grid(ct: sitk.Image, region: Box) -> sitk.Image:
