@@ -20,7 +20,7 @@ from torch import nn
 from LiverTumorDARNLib.cli import main
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.io import write_image
-from LiverTumorDARNLib.label_edits import split_between_clicks, trim_at
+from LiverTumorDARNLib.label_edits import component_at, split_between_clicks, trim_at
 from LiverTumorDARNLib.labels import LIVER, TUMOR
 from LiverTumorDARNLib.lesion_seeds import LOCAL_SEED_MM, SEED_RADIUS_MM, lesion_seed
 from LiverTumorDARNLib.models import build_model
@@ -342,6 +342,14 @@ def test_a_negative_click_keeps_the_part_of_a_tumor_an_earlier_positive_click_ma
     change = Refiner(Bright(), CPU).click(ct, labels, (29, 22, 10), positive=False, earlier=earlier)
     assert change.message == "false part removed up to your earlier positive click"
     assert change.labels[10, 22, 19] == TUMOR and change.labels[10, 22, 29] == LIVER
+
+
+def test_the_tumor_at_a_voxel_is_found_whole_however_far_it_reaches_from_it():
+    labels = np.zeros((40, 60, 300), np.uint8)
+    labels[10:30, 20:40, 5:290] = TUMOR  # from the seed at one end to 285 voxels beyond
+    labels[10:30, 45:50, 5:290] = TUMOR  # another tumor beside it, not joined
+    mask, box = component_at(labels, (20, 30, 6))
+    assert box == (slice(10, 30), slice(20, 40), slice(5, 290)) and mask.all()
 
 
 def test_a_click_changes_only_the_voxels_nearer_it_than_an_earlier_opposite_click_in_its_piece():

@@ -91,19 +91,21 @@ def find_tumor_near(labels: np.ndarray, point: tuple[int, int, int], spacing_xyz
 
 def component_at(labels: np.ndarray, seed: tuple[int, int, int]) -> tuple[np.ndarray, Box]:
     """The 26-connected tumor containing ``seed``, found in a window that grows until it holds it
-    whole (a full-volume labelling of a 512x512x400 scan would cost most of a click's budget)."""
-    half = 16
+    whole (a full-volume labelling of a 512x512x400 scan would cost most of a click's budget).
+    The window grows on the sides the tumor reaches, by the window's width there: the seed is
+    often at the tumor's edge, the voxel nearest a click beside it."""
+    window = tuple(slice(max(0, p - 16), min(n, p + 17)) for p, n in zip(seed, labels.shape))
     while True:
-        window = tuple(slice(max(0, p - half), min(n, p + half + 1)) for p, n in zip(seed, labels.shape))
         components = cc3d.connected_components(labels[window] == TUMOR, connectivity=26)
         mask = components == components[tuple(p - w.start for p, w in zip(seed, window))]
         inner = bounding_box(mask)
-        at_edge = any((i.start == 0 and w.start > 0) or (i.stop == w.stop - w.start and w.stop < n)
+        grown = tuple(slice(max(0, w.start - (w.stop - w.start)) if i.start == 0 else w.start,
+                            min(n, w.stop + (w.stop - w.start)) if i.stop == w.stop - w.start else w.stop)
                       for i, w, n in zip(inner, window, labels.shape))
-        if not at_edge:
+        if grown == window:
             box = tuple(slice(w.start + i.start, w.start + i.stop) for w, i in zip(window, inner))
             return mask[inner], box
-        half *= 2
+        window = grown
 
 
 def trim_at(component: np.ndarray, point: tuple[int, int, int], spacing_zyx) -> np.ndarray:
