@@ -23,7 +23,6 @@ click holds 2 million voxels at 0.7-0.9 mm, and their distance transforms cost h
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import cc3d
@@ -64,13 +63,13 @@ def lesion_seed(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int],
     spacing = tuple(ct.GetSpacing()[::-1])
     region = widened_mm(voxel_box(point), SEED_REACH_MM, spacing, labels.shape)
     factors = block_factors(spacing)
+    coarse_spacing = tuple(d * f for d, f in zip(spacing, factors))
     coarse_ct = sitk.GetImageFromArray(block_mean(sitk.GetArrayViewFromImage(ct)[region], factors))
-    coarse_ct.SetSpacing([d * f for d, f in zip(spacing[::-1], factors[::-1])])
+    coarse_ct.SetSpacing(coarse_spacing[::-1])
     coarse_local = tuple((p - r.start) // f for p, r, f in zip(point, region, factors))
     coarse_liver = block_mean(labels[region] > 0, factors) >= 0.5
     grown = contrast_region(coarse_ct, coarse_liver, coarse_local, reference_hu)
     inner = inner_faces(region, labels.shape)
-    coarse_spacing = tuple(d * f for d, f in zip(spacing, factors))
     enclosed = None if grown is None else _enclosed_piece(grown, coarse_local, inner, coarse_spacing)
     if enclosed is None and grown is not None:
         enclosed = _piece_near(grown, coarse_local, coarse_spacing)
@@ -86,13 +85,10 @@ def block_factors(spacing_zyx) -> tuple[int, int, int]:
 
 
 def block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """``array`` averaged over blocks of ``factors`` voxels (float32); the last block of an axis
-    that ``factors`` does not divide repeats the edge voxels. A sum of strided views: four times
-    sooner than a mean over a reshaped array."""
+    """``array`` averaged over blocks of ``factors`` voxels (float32, SimpleITK's BinShrink); the
+    last block of an axis that ``factors`` does not divide repeats the edge voxels."""
     padded = np.pad(array.astype(np.float32), [(0, -n % f) for n, f in zip(array.shape, factors)], mode="edge")
-    views = (padded[tuple(slice(o, None, f) for o, f in zip(offset, factors))]
-             for offset in itertools.product(*map(range, factors)))
-    return sum(views) / np.float32(np.prod(factors))
+    return sitk.GetArrayFromImage(sitk.BinShrink(sitk.GetImageFromArray(padded), factors[::-1]))
 
 
 def _on_fine_grid(ct: sitk.Image, labels: np.ndarray, point: tuple[int, int, int], reference_hu: float,

@@ -329,9 +329,9 @@ class ClickSession:
     while the scene's volume and segments are as that edit left them), the result is written by
     :meth:`poll`, both on the calling thread. The report is measured on the session's thread
     after the segments are written: measuring every tumor of a thin-slice scan takes longer than
-    the click (0.4 s on two cores), and the reader looks at the segments first. Each written edit can be taken back with
-    :meth:`undo`: the session keeps its own history of the segments (Slicer's
-    vtkSegmentationHistory), and never touches the Segment Editor's.
+    the click (0.4 s on two cores), and the reader looks at the segments first. Each written edit
+    can be taken back with :meth:`undo`: the session keeps its own history of the segments
+    (Slicer's vtkSegmentationHistory), and never touches the Segment Editor's.
     """
 
     def __init__(self, load_refiner: Callable[[], Refiner]):
@@ -382,10 +382,9 @@ class ClickSession:
         """Wait for the running edit and its report and write both (see :meth:`poll`): the edit
         with its report, or None when none was started."""
         edit = None
-        for running in ("_pending", "_measuring"):
-            if getattr(self, running) is not None:
-                concurrent.futures.wait([getattr(self, running)[0]])
-                edit = self.poll(table_node)
+        while self.busy:
+            concurrent.futures.wait([(self._pending or self._measuring)[0]])
+            edit = self.poll(table_node)
         return edit
 
     def _write_edit(self) -> Edit:
