@@ -326,6 +326,18 @@ def test_negative_click_on_false_tissue_grown_onto_a_tumor_removes_it_and_keeps_
     assert dice(change.labels == TUMOR, true) > 0.9
 
 
+def test_negative_click_on_a_speck_of_tumor_hu_in_false_tissue_removes_the_false_tissue():
+    ct, labels = scan([((24, 22, 15), 5.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    true = labels == TUMOR
+    grown = ndimage.distance_transform_edt(~true, sampling=0.8) <= 3.0
+    coarse = np.where(grown & (labels > 0), TUMOR, labels).astype(np.uint8)
+    hu = sitk.GetArrayFromImage(ct)
+    hu[14:17, 21:24, 31:34] = TUMOR_HU  # a bright vessel's cross-section in the false rim, clicked on
+    change = Refiner(Bright(), CPU).click(with_hu(ct, hu), coarse, (32, 22, 15), positive=False)
+    assert change.message == "false part removed"
+    assert dice(change.labels == TUMOR, true) > 0.9
+
+
 def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
     body = np.zeros((30, 40, 60), bool)
     k, j, i = np.indices(body.shape)

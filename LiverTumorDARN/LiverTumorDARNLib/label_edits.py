@@ -9,7 +9,8 @@ connected to it: a false region grown onto a true tumor (parenchyma or a vessel 
 hypodense metastasis) must go without the metastasis. Where the clicked tumor holds two kinds of
 tissue (its smoothed HU split in two classes by Otsu's threshold, their means at least
 ``SPLIT_MIN_CONTRAST_HU`` apart, and what the click leaves at least ``SPLIT_MIN_DEPTH_MM`` thick),
-the click removes the piece of its own kind that it is on.
+the click removes the piece of its own kind that it is on; its kind is that of the tumor's voxels
+around it (``lesion_seeds.clicked_hu``), as for a positive click, not of the one voxel clicked.
 Where it holds one kind, shape decides (:func:`trim_at`): a thin offshoot is cut off, a lobe
 joined to others by a neck goes alone, and a compact tumor goes whole.
 
@@ -30,6 +31,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .labels import LIVER, TUMOR
+from .lesion_seeds import clicked_hu, component_at_voxel
 from .pipeline import MIN_TUMOR_MM3
 from .regions import Box, bounding_box, local
 
@@ -152,9 +154,9 @@ def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarra
     removed, what = None, ""
     threshold = _two_tissues(component, hu)
     if threshold is not None:
-        from .lesion_seeds import component_at_voxel
-
-        piece = component_at_voxel(component & ((hu > threshold) == (hu[point] > threshold)), point)
+        clicked = clicked_hu(hu, point, spacing_zyx, within=component)
+        side = component & ((hu > threshold) == (clicked > threshold))
+        piece = component_at_voxel(side, nearest_voxel(side, point, spacing_zyx))
         kept = component & ~piece
         if kept.any() and ndimage.distance_transform_edt(np.pad(kept, 1), sampling=spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
             removed, what = piece, "false part removed"

@@ -121,8 +121,7 @@ def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, in
     contrast. The click's HU is the median of the smoothed CT within ``LESION_SAMPLE_MM``: a
     lesion's, not that of the darkest or brightest spot the click may fall on."""
     hu = smoothed_hu(ct)
-    near, box = ball(local, LESION_SAMPLE_MM, ct.GetSpacing()[::-1], hu.shape)
-    clicked = float(np.median(hu[box][near]))
+    clicked = clicked_hu(hu, local, tuple(ct.GetSpacing()[::-1]))
     if abs(clicked - reference_hu) < SEED_MIN_CONTRAST_HU:
         return None
     half_way = (clicked + reference_hu) / 2
@@ -131,6 +130,16 @@ def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, in
     if not liver[local]:
         where = liver | (np.abs(hu - clicked) < abs(clicked - reference_hu) / 2)
     return ndimage.binary_fill_holes(contrast) & where  # noise leaves holes that make the click look shallow
+
+
+def clicked_hu(hu: np.ndarray, point: tuple[int, int, int], spacing_zyx, within: np.ndarray | None = None) -> float:
+    """The HU of the tissue a click at ``point`` is on: the median of ``hu`` (the smoothed CT)
+    within ``LESION_SAMPLE_MM`` of it, over the voxels of ``within`` there where that is given.
+    The clicked voxel alone may be a spot of the other tissue (a vessel, a speck of necrosis)."""
+    near, box = ball(point, LESION_SAMPLE_MM, spacing_zyx, hu.shape)
+    if within is not None:
+        near = near & within[box]
+    return float(np.median(hu[box][near]))
 
 
 def smoothed_hu(ct: sitk.Image) -> np.ndarray:
