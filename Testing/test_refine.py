@@ -286,6 +286,18 @@ def test_a_click_whose_contrast_reaches_everywhere_seeds_the_part_of_it_near_the
     assert seeded[band & (distance_mm <= LOCAL_SEED_MM - 5)].all() and (distance_mm[seeded] <= LOCAL_SEED_MM + 5).all()  # 2 mm blocks
 
 
+def test_a_click_on_a_small_lesion_at_the_liver_surface_seeds_the_lesion_not_the_fat_around_it():
+    ct, labels = scan([], spacing=(0.8, 0.8, 0.8), size=(60, 48, 40))
+    labels[:, :, 30:] = 0  # fat beyond the liver's surface at i = 30
+    k, j, i = np.indices(labels.shape)
+    lesion = np.sqrt((i - 30) ** 2 + (j - 24) ** 2 + (k - 20) ** 2) * 0.8 <= 2.0  # most of a 3 mm ball around it is fat
+    hu = np.where(labels > 0, LIVER_HU, -100)
+    hu[lesion] = LIVER_HU - 40
+    seed, box = lesion_seed(with_hu(ct, hu), labels, (20, 24, 31), LIVER_HU)
+    seeded = on_whole_volume(seed, box, labels)
+    assert seeded[lesion].all() and seeded.sum() <= ball((20, 24, 31), SEED_RADIUS_MM, (0.8,) * 3, labels.shape)[0].sum()
+
+
 def test_a_click_without_contrast_seeds_a_ball():
     ct, labels = scan([])
     seed, box = lesion_seed(ct, labels, (10, 22, 24), LIVER_HU)

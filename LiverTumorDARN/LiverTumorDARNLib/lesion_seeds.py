@@ -14,7 +14,7 @@ lesion is cut off. Holes (noise below the threshold inside the lesion) are fille
 click looks shallow. Where no radius encloses it, the seed is its part within ``LOCAL_SEED_MM`` of
 the click. Where there is no contrast, a ``SEED_RADIUS_MM`` ball is the seed: from the ball alone
 the network grows no lesion beyond a few mL (docs/click-to-refine.md). The click's HU is the
-median around it (``LESION_SAMPLE_MM``).
+median of the soft tissue around it (``LESION_SAMPLE_MM``, above ``FAT_MAX_HU``).
 
 On a thin-slice scan all this runs on blocks of voxels about ``SEED_GRID_MM`` wide (their mean
 HU), and the piece found is drawn again on the CT's own voxels near it: the 100 mm cube around a
@@ -41,6 +41,9 @@ SEED_SMOOTHING_MM = 1.0
 LESION_SAMPLE_MM = 3.0
 """A click's HU is the median within this distance: a heterogeneous lesion (a necrotic core, a
 brighter rim) is then drawn whole, not only its part as dark as the clicked spot."""
+FAT_MAX_HU = -30.0
+"""Adipose tissue lies between -190 and -30 HU, the window of CT body-composition studies
+(Yoshizumi et al., Radiology 1999;211:283)."""
 LOCAL_SEED_MM = 10.0
 """Where no opening encloses the contrast region (a liver full of lesions, a faint one in noisy
 parenchyma), the seed is its part within this distance of the click."""
@@ -118,10 +121,11 @@ def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, in
                     reference_hu: float) -> np.ndarray | None:
     """Liver voxels nearer the click's HU than ``reference_hu``, holes filled, and for a click
     outside ``liver`` the voxels outside it in the band as near the click's HU; None without
-    contrast. The click's HU is the median of the smoothed CT within ``LESION_SAMPLE_MM``: a
-    lesion's, not that of the darkest or brightest spot the click may fall on."""
+    contrast. The click's HU is the median of the smoothed CT's soft tissue within
+    ``LESION_SAMPLE_MM`` (:func:`clicked_hu`): a lesion's, not that of the darkest or brightest spot
+    the click may fall on, nor of the fat around a click on a small lesion at the liver's surface."""
     hu = smoothed_hu(ct)
-    clicked = clicked_hu(hu, local, tuple(ct.GetSpacing()[::-1]))
+    clicked = clicked_hu(hu, local, tuple(ct.GetSpacing()[::-1]), within=hu > FAT_MAX_HU)  # no lesion is fat
     if abs(clicked - reference_hu) < SEED_MIN_CONTRAST_HU:
         return None
     half_way = (clicked + reference_hu) / 2
@@ -134,10 +138,10 @@ def contrast_region(ct: sitk.Image, liver: np.ndarray, local: tuple[int, int, in
 
 def clicked_hu(hu: np.ndarray, point: tuple[int, int, int], spacing_zyx, within: np.ndarray | None = None) -> float:
     """The HU of the tissue a click at ``point`` is on: the median of ``hu`` (the smoothed CT)
-    within ``LESION_SAMPLE_MM`` of it, over the voxels of ``within`` there where that is given.
-    The clicked voxel alone may be a spot of the other tissue (a vessel, a speck of necrosis)."""
+    within ``LESION_SAMPLE_MM`` of it, over the voxels of ``within`` there where it has any. The
+    clicked voxel alone may be a spot of another tissue (a vessel, a speck of necrosis)."""
     near, box = ball(point, LESION_SAMPLE_MM, spacing_zyx, hu.shape)
-    if within is not None:
+    if within is not None and (near & within[box]).any():
         near = near & within[box]
     return float(np.median(hu[box][near]))
 
