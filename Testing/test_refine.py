@@ -350,6 +350,16 @@ def test_negative_click_on_a_speck_of_tumor_hu_in_false_tissue_removes_the_false
     assert dice(change.labels == TUMOR, true) > 0.9
 
 
+def test_negative_click_at_the_edge_of_a_two_tissue_tumor_keeps_its_core():
+    ct, labels = scan([((24, 22, 15), 8.0)], spacing=(0.8, 0.8, 0.8), size=(48, 48, 30))
+    hu = sitk.GetArrayFromImage(ct)
+    cap = (labels == TUMOR) & (np.indices(labels.shape)[2] < 24 - 3)  # a darker cap on one side, 5.6 mm thick
+    hu[cap] = LIVER_HU - 40
+    change = Refiner(Bright(), CPU).click(with_hu(ct, hu), labels, (24 + 8, 22, 15), positive=False)  # 6.4 mm out
+    assert change.message == "false part removed"
+    assert change.labels[15, 22, 24 + 8] == LIVER and change.labels[15, 22, 24] == TUMOR and (change.labels[cap] == TUMOR).all()
+
+
 def test_negative_click_on_an_offshoot_trims_it_and_keeps_the_body():
     body = np.zeros((30, 40, 60), bool)
     k, j, i = np.indices(body.shape)

@@ -11,6 +11,10 @@ tissue (its smoothed HU split in two classes by Otsu's threshold, their means at
 ``SPLIT_MIN_CONTRAST_HU`` apart, and what the click leaves at least ``SPLIT_MIN_DEPTH_MM`` thick),
 the click removes the piece of its own kind that it is on; its kind is that of the tumor's voxels
 around it (``lesion_seeds.clicked_hu``), as for a positive click, not of the one voxel clicked.
+Where that piece holds the tumor's core (its deepest voxel), the click removes only the voxels
+nearer to it than to the core, as if the core held a positive click (a click on the core itself
+falls to shape): the two classes of a textured tumor run through it, and its bulk is not what a
+click at its edge means.
 Where it holds one kind, shape decides (:func:`trim_at`): a thin offshoot is cut off, a lobe
 joined to others by a neck goes alone, and a compact tumor goes whole.
 
@@ -158,8 +162,11 @@ def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarra
         side = component & ((hu > threshold) == (clicked > threshold))
         piece = component_at_voxel(side, nearest_voxel(side, point, spacing_zyx))
         kept = component & ~piece
-        if kept.any() and ndimage.distance_transform_edt(np.pad(kept, 1), sampling=spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
-            removed, what = piece, "false part removed"
+        if kept.any() and _depth_mm(kept, spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
+            whole = tuple(slice(0, n) for n in piece.shape)
+            piece = split_between_clicks(piece, whole, point, [_deepest_voxel(component, spacing_zyx)], spacing_zyx)
+            if piece.any():
+                removed, what = piece, "false part removed"
     if removed is None:
         kept = trim_at(component, point, spacing_zyx)
         removed, what = component & ~kept, ("tumor removed" if not kept.any() else "offshoot trimmed")
@@ -194,6 +201,16 @@ def nearest_voxel(mask: np.ndarray, point: tuple[int, int, int], spacing_zyx) ->
         return point
     inside = np.argwhere(mask)
     return tuple(int(v) for v in inside[np.argmin((((inside - point) * np.asarray(spacing_zyx)) ** 2).sum(1))])
+
+
+def _deepest_voxel(mask: np.ndarray, spacing_zyx) -> tuple[int, int, int]:
+    """The voxel of ``mask`` farthest (in mm) from its border: a tumor's core."""
+    return tuple(int(v) for v in np.unravel_index(np.argmax(_depth_mm(mask, spacing_zyx)), mask.shape))
+
+
+def _depth_mm(mask: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Each voxel's distance (mm) to the nearest voxel outside ``mask``, the array's edge counting as outside."""
+    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
 
 
 def _two_tissues(component: np.ndarray, hu: np.ndarray) -> float | None:
