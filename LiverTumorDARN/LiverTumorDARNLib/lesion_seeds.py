@@ -43,7 +43,7 @@ LESION_SAMPLE_MM = 3.0
 brighter rim) is then drawn whole, not only its part as dark as the clicked spot."""
 FAT_MAX_HU = -30.0
 """Adipose tissue lies between -190 and -30 HU, the window of CT body-composition studies
-(Yoshizumi et al., Radiology 1999;211:283)."""
+(Mitsiopoulos et al., J Appl Physiol 1998;85:115, muscle from -29 HU up)."""
 LOCAL_SEED_MM = 10.0
 """Where no opening encloses the contrast region (a liver full of lesions, a faint one in noisy
 parenchyma), the seed is its part within this distance of the click."""
