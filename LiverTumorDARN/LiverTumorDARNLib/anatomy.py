@@ -52,6 +52,7 @@ from .lesions import draw_lesions, draw_real_lesions, plan_lesions
 from .phantom import (ORIENTATIONS, Body, Canvas, PhantomCase, Tissue, diaphragm_height, draw_bowel, draw_bowel_segment,
                       draw_chest, draw_great_vessels, draw_kidneys, draw_spine, draw_upper_organs, draw_vessel_trees,
                       finish, intensity_table, paint_body, smooth_field, to_image)
+from .regions import depth_mm
 
 
 class Organ(enum.IntEnum):
@@ -459,7 +460,7 @@ def _paint_layered(canvas: Canvas, mask: np.ndarray, layers, rng, gas: bool = Fa
         return
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     inside = mask[box]
-    depth = ndimage.distance_transform_edt(np.pad(inside, 1), sampling=canvas.spacing)[1:-1, 1:-1, 1:-1]
+    depth = depth_mm(inside, canvas.spacing)
     jitter = rng.uniform(0.8, 1.25)
     block = canvas.tissue[box]
     low = 0.0

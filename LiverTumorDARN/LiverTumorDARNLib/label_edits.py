@@ -37,7 +37,7 @@ from scipy import ndimage
 from .labels import LIVER, TUMOR
 from .lesion_seeds import clicked_hu, component_at_voxel
 from .pipeline import MIN_TUMOR_MM3
-from .regions import Box, bounding_box, local
+from .regions import Box, bounding_box, deepest_voxel, depth_mm, local
 
 NEAR_MM = 10.0
 """A click this close to a tumor refers to it; farther away it starts a new lesion."""
@@ -162,9 +162,9 @@ def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarra
         side = component & ((hu > threshold) == (clicked > threshold))
         piece = component_at_voxel(side, nearest_voxel(side, point, spacing_zyx))
         kept = component & ~piece
-        if kept.any() and _depth_mm(kept, spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
+        if kept.any() and depth_mm(kept, spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
             whole = tuple(slice(0, n) for n in piece.shape)
-            piece = split_between_clicks(piece, whole, point, [_deepest_voxel(component, spacing_zyx)], spacing_zyx)
+            piece = split_between_clicks(piece, whole, point, [deepest_voxel(component, spacing_zyx)], spacing_zyx)
             if piece.any():
                 removed, what = piece, "false part removed"
     if removed is None:
@@ -201,16 +201,6 @@ def nearest_voxel(mask: np.ndarray, point: tuple[int, int, int], spacing_zyx) ->
         return point
     inside = np.argwhere(mask)
     return tuple(int(v) for v in inside[np.argmin((((inside - point) * np.asarray(spacing_zyx)) ** 2).sum(1))])
-
-
-def _deepest_voxel(mask: np.ndarray, spacing_zyx) -> tuple[int, int, int]:
-    """The voxel of ``mask`` farthest (in mm) from its border: a tumor's core."""
-    return tuple(int(v) for v in np.unravel_index(np.argmax(_depth_mm(mask, spacing_zyx)), mask.shape))
-
-
-def _depth_mm(mask: np.ndarray, spacing_zyx) -> np.ndarray:
-    """Each voxel's distance (mm) to the nearest voxel outside ``mask``, the array's edge counting as outside."""
-    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
 
 
 def _two_tissues(component: np.ndarray, hu: np.ndarray) -> float | None:

@@ -82,6 +82,16 @@ def ball(point: tuple[int, int, int], radius_mm: float, spacing_zyx, shape) -> t
     return sum(g ** 2 for g in grids) <= radius_mm ** 2, box
 
 
+def depth_mm(mask: np.ndarray, spacing_zyx) -> np.ndarray:
+    """Each voxel's distance (mm) to the nearest voxel outside ``mask``, the array's edge counting as outside."""
+    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+
+
+def deepest_voxel(mask: np.ndarray, spacing_zyx) -> tuple[int, int, int]:
+    """The voxel of ``mask`` farthest (in mm) from its border: a tumor's core, where a click on it lands."""
+    return tuple(int(v) for v in np.unravel_index(np.argmax(depth_mm(mask, spacing_zyx)), mask.shape))
+
+
 def local(point: tuple[int, int, int], region: Box) -> tuple[int, int, int]:
     """Voxel ``point`` of the volume as an index into an array given on ``region``."""
     return tuple(int(p - r.start) for p, r in zip(point, region))

@@ -56,7 +56,7 @@ from ..label_edits import paste_tumor
 from ..lesion_seeds import SEED_RADIUS_MM, lesion_seed
 from ..patches import (CLICK_CHANNELS, IMAGE_CHANNELS, PATCH_SIZE, Click, index_bounds, labels_to_patch, liver_hu,
                        patch_around, patch_inputs)
-from ..regions import Box, ball, on_region, widened_mm
+from ..regions import Box, ball, deepest_voxel, on_region, widened_mm
 from .data import RawCase
 from .losses import dice_ce_loss
 from .options import TrainConfig
@@ -241,8 +241,7 @@ def _click_point(mask: np.ndarray, spacing_zyx, rng: np.random.Generator) -> tup
     """Where a click on ``mask`` lands: half the time its deepest point (the benchmark's
     protocol), else another deep point (:func:`_inner_point`)."""
     if rng.random() < 0.5:
-        depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
-        return tuple(int(i) for i in np.unravel_index(np.argmax(depth), depth.shape))
+        return deepest_voxel(mask, spacing_zyx)
     return _inner_point(mask, spacing_zyx, rng)
 
 
