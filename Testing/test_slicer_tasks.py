@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ import torch
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install -e .[test])")
 
 from LiverTumorDARNLib.errors import InputError  # noqa: E402
-from LiverTumorDARNLib.labels import LIVER  # noqa: E402
+from LiverTumorDARNLib.labels import LIVER, TUMOR  # noqa: E402
 from LiverTumorDARNLib.phantom import generate_case  # noqa: E402
 from LiverTumorDARNLib.refine import Change, Refiner  # noqa: E402
 from LiverTumorDARNSceneLib import scene, tasks  # noqa: E402
@@ -447,3 +448,38 @@ def test_a_click_without_a_segmentation_asks_for_one(two_tumors):
     _ct, _truth, volume, _segmentation = two_tumors
     with pytest.raises(InputError, match="select the CT volume and the segmentation"):
         tasks.ClickSession(lambda: Refiner(Bright(), CPU)).click(volume, None, ras(volume, (14, 14, 6)))
+
+
+class EditedMeanwhile(Refiner):
+    """The Bright refiner, whose click lets the test edit the segments while it runs."""
+
+    def __init__(self, edit: Callable[[], None]):
+        super().__init__(Bright(), CPU)
+        self.edit = edit
+
+    def click(self, ct, labels, point_ijk, positive=True, earlier=()):
+        change = super().click(ct, labels, point_ijk, positive, earlier)
+        self.edit()
+        return change
+
+
+def test_a_click_written_after_an_edit_made_while_it_ran_sets_its_box_as_the_click_found_it(two_tumors):
+    """The session spares the merges that change nothing in the labels it read; after an edit
+    made meanwhile in the Segment Editor (tumor painted on liver inside the click's box and
+    outside it) the click still sets its box whole, and the edit outside the box stays."""
+    ct, truth, volume, segmentation = two_tumors
+    expected = Refiner(Bright(), CPU).click(ct, shrunk(truth), (14, 14, 6))
+    liver_in_box = np.argwhere(expected.labels[expected.box] == LIVER)[0] + [b.start for b in expected.box]
+    inside, outside = tuple(int(v) for v in liver_in_box), (1, 40, 1)
+    painted = shrunk(truth)
+    painted[inside] = painted[outside] = TUMOR
+    whole = tuple(slice(0, n) for n in painted.shape)
+    refiner = EditedMeanwhile(lambda: scene.apply_change(segmentation, volume, painted, whole))
+    session = tasks.ClickSession(lambda: refiner)
+
+    session.click(volume, segmentation, ras(volume, (14, 14, 6)))
+    session.wait()
+
+    after = scene.labels_from_segments(segmentation, volume)
+    np.testing.assert_array_equal(after[expected.box], expected.labels[expected.box])
+    assert after[outside] == TUMOR

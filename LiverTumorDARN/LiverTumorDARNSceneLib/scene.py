@@ -314,18 +314,28 @@ def _replace_segment(segmentation_node, segment_id: str, mask: np.ndarray, volum
         raise RuntimeError(f"could not write segment {segment_id} of {segmentation_node.GetName()}")
 
 
-def _replace_inside_box(segmentation_node, segment_id: str, mask: np.ndarray, volume_node, box) -> None:
+def _replace_inside_box(segmentation_node, segment_id: str, mask: np.ndarray, volume_node, box,
+                        before: np.ndarray | None = None) -> None:
     """Inside ``box`` the segment becomes ``mask`` (given on the box); outside it nothing changes.
 
     Slicer's MODE_REPLACE rewrites a whole segment, so the box is set the way the Segment
     Editor's effects set a region: a minimum with the mask (removes what left the segment), then
     a masked merge (adds what joined it), both limited to the box's extent. This is exact only on
     a segment that has its own labelmap layer, which :func:`write_segments` gives each segment.
+    Where the segment's voxels in the box are known (``before``), only the merges that change
+    something run: each costs 7-20 ms on a 512x512x200 scan whatever the box's size, and a click
+    mostly adds to one segment what it takes from another.
     """
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    modes = [logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK]
+    if before is not None:
+        modes = [mode for mode, needed in ((logic.MODE_MERGE_MIN, (before & ~mask).any()),
+                                           (logic.MODE_MERGE_MASK, (mask & ~before).any())) if needed]
+    if not modes:
+        return
     labelmap = _oriented_labelmap(mask, volume_node, box)
     extent = labelmap.GetExtent()
-    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK):
+    for mode in modes:
         if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode, extent):
             raise RuntimeError(f"could not write segment {segment_id} of {segmentation_node.GetName()}")
 
@@ -474,21 +484,27 @@ def _merged_labels(segmentation_node, volume_node, segment_ids: list[str], box=N
     return numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars()).reshape(shape).copy()
 
 
-def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> None:
+def apply_change(segmentation_node, volume_node, labels: np.ndarray, box, before: np.ndarray | None = None) -> None:
     """Write the module's segments inside ``box`` only (a refinement's changed region); every voxel
     outside it, and every segment whose voxels in the box stay the same, is left as it was.
+    ``before``: the labels the module's segments hold now, where the caller knows them (a click
+    session that read them and saw no edit since), which spares the merges that change nothing.
 
     The tumors follow the node's own layout (see the module docstring): with one tumor segment per
     tumor a new lesion gets a new segment, and a tumor segment not involved is never rewritten.
     """
     if box is None:
         return
+
+    def held(label: int) -> np.ndarray | None:
+        return None if before is None else before[box] == label
+
     ids = module_segment_ids(segmentation_node)
-    _replace_inside_box(segmentation_node, ids["liver"][0], labels[box] == LIVER, volume_node, box)
+    _replace_inside_box(segmentation_node, ids["liver"][0], labels[box] == LIVER, volume_node, box, held(LIVER))
     tumor_ids = ids["tumor"]
     numbers = _tumor_numbers(segmentation_node, tumor_ids)
     if numbers == [None]:  # the one "Liver tumor" segment holds every tumor
-        _replace_inside_box(segmentation_node, tumor_ids[0], labels[box] == TUMOR, volume_node, box)
+        _replace_inside_box(segmentation_node, tumor_ids[0], labels[box] == TUMOR, volume_node, box, held(TUMOR))
         return
     window = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, labels.shape))
     inner = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, window))
@@ -498,9 +514,8 @@ def apply_change(segmentation_node, volume_node, labels: np.ndarray, box) -> Non
     new_lesions = range(int(owners_after.max()) - len(tumor_ids))
     tumor_ids += [_add_segment(segmentation_node, TUMOR_SEGMENT, first_new_number + n) for n in new_lesions]
     for owner, segment_id in enumerate(tumor_ids, start=1):
-        mask = owners_after == owner
-        if not np.array_equal(mask, owners_before[inner] == owner):
-            _replace_inside_box(segmentation_node, segment_id, mask, volume_node, box)
+        _replace_inside_box(segmentation_node, segment_id, owners_after == owner, volume_node, box,
+                            owners_before[inner] == owner)
 
 
 def tumor_owners(tumor: np.ndarray, owners_before: np.ndarray, owner_count: int) -> np.ndarray:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from LiverTumorDARNLib.refine import Change, Refiner
     from LiverTumorDARNLib.report import CaseReport
 
@@ -395,7 +397,8 @@ class ClickSession:
 
         if change.box is not None:
             self._history(segmentation_node).SaveState()
-            scene.apply_change(segmentation_node, volume_node, change.labels, change.box)
+            scene.apply_change(segmentation_node, volume_node, change.labels, change.box,
+                               self._unedited_labels(volume_node, segmentation_node))
             self._edits.setdefault(self._key(segmentation_node), []).append(made_by)
             self._read[("labels", segmentation_node)] = (scene.segments_state(segmentation_node, volume_node), change.labels)
         self._measuring = (self._thread.submit(scene.measure, ct, change.labels), change.message)
@@ -458,6 +461,14 @@ class ClickSession:
         if kept is None or kept[0] != state:
             kept = self._read[key] = (state, read())
         return kept[1]
+
+    def _unedited_labels(self, volume_node, segmentation_node) -> np.ndarray | None:
+        """The labels the running edit read, while the segments still hold them; None after an
+        edit made in the Segment Editor meanwhile."""
+        from . import scene
+
+        state, labels = self._read[("labels", segmentation_node)]
+        return labels if scene.segments_state(segmentation_node, volume_node) == state else None
 
     def _earlier_clicks(self, segmentation_node) -> list:
         """The clicks among the edits that made the segments' present state (undone ones are forgotten)."""
