@@ -52,14 +52,13 @@ import cc3d
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from LiverTumorDARNLib import Refiner, Segmenter, pipeline
 from LiverTumorDARNLib.io import read_ct, read_image
 from LiverTumorDARNLib.labels import TUMOR
 from LiverTumorDARNLib.phantom import BENCHMARK_SEED_START, generate_case
 from LiverTumorDARNLib.pipeline import resolve_device
-from LiverTumorDARNLib.regions import bounding_box
+from LiverTumorDARNLib.regions import bounding_box, deepest_voxel
 from LiverTumorDARNLib.weights import bundled_models_dir, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +115,8 @@ def next_click(labels: np.ndarray, truth: np.ndarray, spacing_zyx) -> tuple[tupl
         return None
     size, positive, components, number = largest
     box = bounding_box(components == number)
-    depth = ndimage.distance_transform_edt(np.pad(components[box] == number, 1), sampling=spacing_zyx)
-    deepest = np.unravel_index(np.argmax(depth), depth.shape)
-    return tuple(int(d - 1 + b.start) for d, b in zip(deepest, box)), positive, size
+    deepest = deepest_voxel(components[box] == number, spacing_zyx)
+    return tuple(d + b.start for d, b in zip(deepest, box)), positive, size
 
 
 def click_through(scan: Scan, labels: np.ndarray, clicks: int,

@@ -37,7 +37,7 @@ from scipy import ndimage
 from .labels import LIVER, TUMOR
 from .lesion_seeds import clicked_hu, component_at_voxel
 from .pipeline import MIN_TUMOR_MM3
-from .regions import Box, bounding_box, deepest_voxel, depth_mm, local
+from .regions import Box, bounding_box, deepest_voxel, depth_mm, local, whole
 
 NEAR_MM = 10.0
 """A click this close to a tumor refers to it; farther away it starts a new lesion."""
@@ -163,8 +163,7 @@ def false_part(component: np.ndarray, point: tuple[int, int, int], hu: np.ndarra
         piece = component_at_voxel(side, nearest_voxel(side, point, spacing_zyx))
         kept = component & ~piece
         if kept.any() and depth_mm(kept, spacing_zyx).max() >= SPLIT_MIN_DEPTH_MM:
-            whole = tuple(slice(0, n) for n in piece.shape)
-            piece = split_between_clicks(piece, whole, point, [deepest_voxel(component, spacing_zyx)], spacing_zyx)
+            piece = split_between_clicks(piece, whole(piece), point, [deepest_voxel(component, spacing_zyx)], spacing_zyx)
             if piece.any():
                 removed, what = piece, "false part removed"
     if removed is None:

@@ -29,6 +29,11 @@ def union(boxes: Sequence[Box]) -> Box | None:
     return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
 
 
+def whole(array: np.ndarray) -> Box:
+    """The box of all of ``array``: an array seen as a region of itself."""
+    return tuple(slice(0, n) for n in array.shape)
+
+
 def widened(region: Box, shape, pad: int) -> Box:
     """``region`` grown by ``pad`` voxels on every side, within the volume of ``shape``."""
     return tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(region, shape))

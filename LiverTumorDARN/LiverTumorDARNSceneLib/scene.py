@@ -41,6 +41,7 @@ import slicer.util
 from LiverTumorDARNLib.errors import InputError
 from LiverTumorDARNLib.labels import LIVER, SEGMENTS, TUMOR, Code, Segment
 from LiverTumorDARNLib.outputs import SLICER_ANATOMIC_CONTEXT, SLICER_TERMINOLOGY_CONTEXT
+from LiverTumorDARNLib.regions import whole
 
 if TYPE_CHECKING:
     from LiverTumorDARNLib.report import CaseReport
@@ -301,14 +302,10 @@ def _oriented_labelmap(mask: np.ndarray, volume_node, box: tuple[slice, slice, s
     return image
 
 
-def _full_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
-    return tuple(slice(0, n) for n in labels.shape)
-
-
 def _replace_segment(segmentation_node, segment_id: str, mask: np.ndarray, volume_node, box=None) -> None:
     """The segment becomes ``mask`` and nothing else: ``mask`` covers ``box`` of the volume's grid,
     or without a box the whole grid."""
-    labelmap = _oriented_labelmap(mask, volume_node, box or _full_box(mask))
+    labelmap = _oriented_labelmap(mask, volume_node, box or whole(mask))
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
         raise RuntimeError(f"could not write segment {segment_id} of {segmentation_node.GetName()}")
@@ -467,7 +464,7 @@ def _merged_labels(segmentation_node, volume_node, segment_ids: list[str], box=N
     label map node, and a box costs what the box holds. Segments are written on the volume's own
     grid under the volume's transform (:func:`write_segments`), so the grid is read the same way.
     """
-    box = box or _full_box(slicer.util.arrayFromVolume(volume_node))
+    box = box or whole(slicer.util.arrayFromVolume(volume_node))
     shape = tuple(s.stop - s.start for s in box)
     if not segment_ids:  # Slicer reads an empty list as "every segment", the user's included
         return np.zeros(shape, np.int16)
